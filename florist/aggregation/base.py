@@ -1,0 +1,194 @@
+"""The plain data model every aggregation method shares, and the one interface they implement.
+
+Nothing here knows about peft, transformers or nn.Modules: an adapter is a dict from module
+name (as in ``model.named_modules()``, e.g. ``model.layers.0.self_attn.q_proj``) to the two
+LoRA factors of that module and its scaling. The effective weight update of a module is
+``scaling * B @ A``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+Factor = str  # "A" or "B"
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA: A is (r, n_in), B is (n_out, r); the update is scaling * B @ A."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense update. Only for tests and small modules: it is (n_out, n_in)."""
+        return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaling * B, A) in ``dtype``, so that the product is the effective update."""
+        return self.B.to(dtype) * self.scaling, self.A.to(dtype)
+
+
+Adapter = dict[str, LoraFactors]
+
+
+@dataclass
+class ClientUpdate:
+    """What one client uploads after local training."""
+
+    client_id: str
+    num_examples: int
+    modules: Adapter
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: f.rank for name, f in self.modules.items()}
+
+
+@dataclass
+class GlobalResult:
+    """What the server broadcasts after one aggregation.
+
+    Either ``adapter`` (one adapter for every client) or ``per_client`` (FlexLoRA: one per
+    client id) is set. ``merge`` says whether clients fold the received update into their base
+    weights and start a fresh LoRA (FLoRA, FLoRIST) or continue training from it (FedIT,
+    zero-padding, FlexLoRA, FFA).
+    """
+
+    method: str
+    merge: bool
+    ranks: dict[str, int]
+    adapter: Adapter | None = None
+    per_client: dict[str, Adapter] | None = None
+    singular_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Which factors travel on the wire in each direction (FFA: only B; A comes from a seed).
+    downloaded_factors: tuple[Factor, ...] = ("A", "B")
+    uploaded_factors: tuple[Factor, ...] = ("A", "B")
+    options: dict[str, object] = field(default_factory=dict)
+
+    def adapter_for(self, client_id: str) -> Adapter:
+        if self.per_client is not None:
+            if client_id not in self.per_client:
+                raise KeyError(f"no adapter for client {client_id!r} in the {self.method} result")
+            return self.per_client[client_id]
+        assert self.adapter is not None, "GlobalResult has neither adapter nor per_client"
+        return self.adapter
+
+
+class Aggregator(ABC):
+    """One federated LoRA aggregation method: a pure function of the client updates."""
+
+    name: ClassVar[str]
+    merges_into_base: ClassVar[bool] = False
+    supports_heterogeneous: ClassVar[bool] = True
+    uploaded_factors: ClassVar[tuple[Factor, ...]] = ("A", "B")
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"aggregation dtype must be float32 or float64, not {dtype}")
+        self.dtype = dtype
+
+    @abstractmethod
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
+        """Combine the client updates of one round into what the server broadcasts."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dtype={self.dtype})"
+
+
+# --- shared checks and helpers -------------------------------------------------------------
+
+
+def validate_updates(updates: Sequence[ClientUpdate], *, homogeneous: bool = False) -> list[str]:
+    """Check the round's uploads and return the sorted module names.
+
+    Every problem is a ``ValueError`` naming the client and the module, because uploads come
+    from other institutions and must never be trusted.
+    """
+    if len(updates) == 0:
+        raise ValueError("no client updates to aggregate (zero clients)")
+    seen: set[str] = set()
+    for u in updates:
+        if u.client_id in seen:
+            raise ValueError(f"client {u.client_id!r} appears twice in one round")
+        seen.add(u.client_id)
+        if not isinstance(u.num_examples, int) or isinstance(u.num_examples, bool) or u.num_examples <= 0:
+            raise ValueError(f"client {u.client_id!r}: num_examples must be a positive integer, got {u.num_examples!r}")
+        if not u.modules:
+            raise ValueError(f"client {u.client_id!r}: the update has no modules")
+    reference = updates[0]
+    names = sorted(reference.modules)
+    for u in updates:
+        if set(u.modules) != set(names):
+            missing = sorted(set(names) - set(u.modules))
+            extra = sorted(set(u.modules) - set(names))
+            raise ValueError(
+                f"client {u.client_id!r}: modules differ from client {reference.client_id!r} "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"extra {extra[:3]}{'...' if len(extra) > 3 else ''})"
+            )
+        for name in names:
+            f = u.modules[name]
+            where = f"client {u.client_id!r}, module {name!r}"
+            if f.A.ndim != 2 or f.B.ndim != 2:
+                raise ValueError(f"{where}: A and B must be matrices, got shapes {tuple(f.A.shape)} and {tuple(f.B.shape)}")
+            if f.A.shape[0] != f.B.shape[1]:
+                raise ValueError(f"{where}: rank mismatch, A is {tuple(f.A.shape)} but B is {tuple(f.B.shape)}")
+            if f.A.shape[0] == 0:
+                raise ValueError(f"{where}: rank is 0")
+            if not (f.A.is_floating_point() and f.B.is_floating_point()):
+                raise ValueError(f"{where}: A and B must be floating point, got {f.A.dtype} and {f.B.dtype}")
+            if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
+                raise ValueError(f"{where}: contains NaN or Inf")
+            if not (isinstance(f.scaling, (int, float)) and math.isfinite(f.scaling) and f.scaling > 0):
+                raise ValueError(f"{where}: scaling must be a positive finite number, got {f.scaling!r}")
+            ref = reference.modules[name]
+            if (f.in_features, f.out_features) != (ref.in_features, ref.out_features):
+                raise ValueError(
+                    f"{where}: shape {f.out_features}x{f.in_features} differs from client "
+                    f"{reference.client_id!r}'s {ref.out_features}x{ref.in_features}"
+                )
+            if homogeneous and f.rank != ref.rank:
+                raise ValueError(
+                    f"{where}: rank {f.rank} differs from client {reference.client_id!r}'s {ref.rank}; "
+                    "this method needs homogeneous ranks (use zeropad, flora, flexlora or florist)"
+                )
+    return names
+
+
+def client_weights(updates: Sequence[ClientUpdate], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """p_k = n_k / sum_j n_j, the FedAvg weights."""
+    n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+    return (n / n.sum()).to(dtype)
+
+
+# --- registry ------------------------------------------------------------------------------
+
+AGGREGATORS: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: type[Aggregator]) -> type[Aggregator]:
+    """Class decorator: make a method available by its ``name``."""
+    if cls.name in AGGREGATORS and AGGREGATORS[cls.name] is not cls:
+        raise ValueError(f"aggregator name {cls.name!r} registered twice")
+    AGGREGATORS[cls.name] = cls
+    return cls

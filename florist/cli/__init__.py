@@ -1,0 +1,38 @@
+"""The ``florist`` command. Each subcommand lives in its own module under florist/cli/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines add_parser(subparsers), which registers its subcommand and sets
+# ``func`` (args -> exit code) as the parser default.
+SUBCOMMANDS = ["aggregate", "run", "demo", "data", "eval", "sweep", "report", "flower"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="florist", description="Federated fine-tuning of LLMs with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module_name = f"florist.cli.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue  # subcommand not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from florist.errors import run_cli
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_cli(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
