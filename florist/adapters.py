@@ -1,0 +1,410 @@
+"""PEFT LoRA adapter directories <-> the plain ``Adapter`` of florist.aggregation.
+
+A client upload is a directory as ``peft`` writes it::
+
+    adapter_config.json           r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, ...
+    adapter_model.safetensors     base_model.model.<module>.lora_A.weight (r x n) and .lora_B.weight (m x r)
+    florist_client.json           optional: {"num_examples": N, "client_id": "..."}  (see CLIENT_INFO_FILE)
+
+Uploads come from other institutions, so the reader trusts nothing: safetensors only (a pickle
+``adapter_model.bin`` is refused without being opened), the file size is checked before reading,
+and every tensor is checked for shape, dtype and finiteness. Every error is an ``AdapterError``
+(a ``ValueError``) naming the directory, the client and the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load as safetensors_load
+
+from florist.aggregation.base import Adapter, LoraFactors
+from florist.errors import FloristError
+from florist.io import atomic_directory, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Beside the adapter, the client states how many examples it trained on (the FedAvg weight).
+CLIENT_INFO_FILE = "florist_client.json"
+NUM_EXAMPLES_FILE = "num_examples.json"  # also accepted: {"num_examples": N} or a bare integer
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+DEFAULT_MAX_BYTES = 2 * 1024**3  # a 7B model at r=64 on every projection is ~0.7 GB in fp32
+MAX_JSON_BYTES = 1024**2
+
+# peft's key layout: base_model.model.<module>.lora_A[.<adapter name>].weight
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+
+
+class AdapterError(FloristError, ValueError):
+    """A bad or unsafe adapter directory; the message names the directory, client and module."""
+
+
+def _where(directory: Path, client_id: str | None, module: str | None = None) -> str:
+    text = f"{directory}" + (f" (client {client_id!r})" if client_id is not None else "")
+    return text + (f", module {module!r}" if module is not None else "")
+
+
+# --- untrusted names -----------------------------------------------------------------------
+
+
+def sanitize_client_id(text: object) -> str:
+    """Return ``text`` if it is safe as a client id and as a single path component, else raise.
+
+    Allowed: 1-128 characters from letters, digits and ``. _ @ + = -``, starting with a letter
+    or digit (so never ``.``, ``..``, a hidden name, a separator, NUL or an absolute path). We
+    refuse rather than rewrite, because two different ids must never map to one directory.
+    """
+    if not isinstance(text, str) or not _CLIENT_ID.match(text):
+        raise AdapterError(
+            f"unsafe client id {text!r}: use 1-128 characters from letters, digits and '._@+=-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def safe_join(root: str | os.PathLike[str], *parts: str) -> Path:
+    """``root / parts`` that is guaranteed to stay inside ``root`` (no ``..``, absolute parts,
+    separators inside a part, NUL, or symlinks leading out)."""
+    root_path = Path(root)
+    path = root_path
+    for part in parts:
+        if (
+            not isinstance(part, str)
+            or part in ("", ".", "..")
+            or "\x00" in part
+            or "/" in part
+            or "\\" in part
+            or os.path.isabs(part)
+        ):
+            raise AdapterError(f"unsafe file name {part!r} under {root_path}")
+        path = path / part
+    resolved_root = root_path.resolve()
+    if not path.resolve().is_relative_to(resolved_root):
+        raise AdapterError(f"{path} escapes {root_path}")
+    return path
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _read_small_json(path: Path, what: str) -> Any:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise AdapterError(f"{what}: {path.name} is {size} bytes, more than the {MAX_JSON_BYTES} allowed")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{what}: {path.name} is not valid JSON ({e})") from None
+
+
+def _read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
+    # The size is checked on the open file (fstat) before reading a byte, and we never read more
+    # than the limit even if the file grows meanwhile.
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise AdapterError(
+                f"{what}: {path.name} is {size} bytes, more than the limit of {max_bytes} (--max-bytes)"
+            )
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise AdapterError(f"{what}: {path.name} grew past the limit of {max_bytes} bytes while reading")
+    return data
+
+
+def _positive_int(value: Any, what: str, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterError(f"{what}: {CONFIG_FILE} field {field!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, what: str, field: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise AdapterError(f"{what}: {CONFIG_FILE} field {field!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_config(config: Any, what: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise AdapterError(f"{what}: {CONFIG_FILE} must be a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(
+            f"{what}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported"
+        )
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise AdapterError(f"{what}: {flag}=true is not supported (plain LoRA only)")
+    _positive_int(config.get("r"), what, "r")
+    _positive_number(config.get("lora_alpha", 8), what, "lora_alpha")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{what}: {CONFIG_FILE} field {field!r} must be an object")
+        for key, value in pattern.items():
+            check = _positive_int if field == "rank_pattern" else _positive_number
+            check(value, what, f"{field}[{key!r}]")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{what}: {CONFIG_FILE} field 'use_rslora' must be true or false")
+    return config
+
+
+def config_rank_and_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """The rank and scaling peft gives ``module`` under this config (same pattern matching)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    return int(r), float(scaling)
+
+
+def _as_float(t: torch.Tensor, where: str, factor: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise AdapterError(f"{where}: lora_{factor} has dtype {t.dtype}; LoRA factors must be floating point")
+    if t.ndim != 2:
+        raise AdapterError(f"{where}: lora_{factor} must be a matrix, got shape {tuple(t.shape)}")
+    # Half precision and float8 are widened for the arithmetic; float64 is kept as uploaded.
+    t = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterError(f"{where}: lora_{factor} contains NaN or Inf")
+    return t.contiguous()
+
+
+def read_peft_adapter(
+    directory: str | os.PathLike[str],
+    *,
+    client_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    expected_shapes: dict[str, tuple[int, int]] | None = None,
+) -> tuple[Adapter, dict[str, Any]]:
+    """Read and validate a PEFT LoRA directory; return the adapter and its config dict.
+
+    ``expected_shapes`` maps module name to the base model's (out_features, in_features); when
+    given, the adapter must cover exactly modules of the model with matching shapes.
+    """
+    directory = Path(directory)
+    what = _where(directory, client_id)
+    if not directory.is_dir():
+        raise AdapterError(f"{what}: adapter directory not found")
+    weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    if not weights.is_file():
+        pickles = [name for name in PICKLE_FILES if (directory / name).exists()]
+        if pickles:
+            # Never opened: unpickling an upload would run the uploader's code on the server.
+            raise AdapterError(
+                f"{what}: found {pickles[0]} (a pickle) but no {WEIGHTS_FILE}; pickled adapters are "
+                "refused because loading them can execute code. Save with safe_serialization=True"
+            )
+        raise AdapterError(f"{what}: missing {WEIGHTS_FILE}")
+    if not config_path.is_file():
+        raise AdapterError(f"{what}: missing {CONFIG_FILE}")
+    config = _check_config(_read_small_json(config_path, what), what)
+
+    data = _read_bounded(weights, max_bytes, what)
+    try:
+        tensors = safetensors_load(data)
+    except Exception as e:  # the Rust parser raises its own SafetensorError on any malformed input
+        raise AdapterError(f"{what}: {WEIGHTS_FILE} is not a valid safetensors file ({e})") from None
+    del data
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(tensors):
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(
+                f"{what}: unexpected tensor {key!r} in {WEIGHTS_FILE} (only lora_A/lora_B weights)"
+            )
+        module, factor = match["module"], match["factor"]
+        slot = factors.setdefault(module, {})
+        if factor in slot:
+            raise AdapterError(f"{_where(directory, client_id, module)}: lora_{factor} appears twice")
+        slot[factor] = tensors[key]
+    if not factors:
+        raise AdapterError(f"{what}: {WEIGHTS_FILE} holds no LoRA tensors")
+
+    adapter: Adapter = {}
+    for module, slot in factors.items():
+        where = _where(directory, client_id, module)
+        for factor in ("A", "B"):
+            if factor not in slot:
+                other = "B" if factor == "A" else "A"
+                raise AdapterError(f"{where}: lora_{other} without its lora_{factor}")
+        A, B = _as_float(slot["A"], where, "A"), _as_float(slot["B"], where, "B")
+        if A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"{where}: rank mismatch, lora_A is {tuple(A.shape)} but lora_B is {tuple(B.shape)}"
+            )
+        if A.shape[0] == 0 or A.shape[1] == 0 or B.shape[0] == 0:
+            raise AdapterError(
+                f"{where}: empty LoRA factors, lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
+            )
+        r, scaling = config_rank_and_scaling(config, module)
+        if A.shape[0] != r:
+            raise AdapterError(f"{where}: rank {A.shape[0]} in {WEIGHTS_FILE} but {r} in {CONFIG_FILE}")
+        if expected_shapes is not None:
+            if module not in expected_shapes:
+                raise AdapterError(f"{where}: the base model has no such module")
+            out_in = (int(B.shape[0]), int(A.shape[1]))
+            if out_in != tuple(expected_shapes[module]):
+                raise AdapterError(
+                    f"{where}: update shape {out_in[0]}x{out_in[1]} does not match the base model's "
+                    f"{expected_shapes[module][0]}x{expected_shapes[module][1]}"
+                )
+        adapter[module] = LoraFactors(A=A, B=B, scaling=scaling)
+    return adapter, config
+
+
+def read_num_examples(directory: str | os.PathLike[str], *, client_id: str | None = None) -> int | None:
+    """The client's example count from ``florist_client.json`` (or ``num_examples.json``), if any."""
+    directory = Path(directory)
+    what = _where(directory, client_id)
+    for name in (CLIENT_INFO_FILE, NUM_EXAMPLES_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        value = _read_small_json(path, what)
+        if isinstance(value, dict):
+            if "num_examples" not in value:
+                raise AdapterError(f"{what}: {name} has no 'num_examples'")
+            value = value["num_examples"]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise AdapterError(f"{what}: {name}: num_examples must be a positive integer, got {value!r}")
+        return value
+    return None
+
+
+def read_client_info(directory: str | os.PathLike[str], *, client_id: str | None = None) -> dict[str, Any]:
+    """The whole ``florist_client.json`` (an empty dict if absent); ``client_id`` in it is checked."""
+    directory = Path(directory)
+    path = directory / CLIENT_INFO_FILE
+    if not path.is_file():
+        return {}
+    info = _read_small_json(path, _where(directory, client_id))
+    if not isinstance(info, dict):
+        raise AdapterError(f"{_where(directory, client_id)}: {CLIENT_INFO_FILE} must be a JSON object")
+    if "client_id" in info:
+        try:
+            sanitize_client_id(info["client_id"])
+        except AdapterError as e:
+            raise AdapterError(f"{_where(directory, client_id)}: {CLIENT_INFO_FILE}: {e}") from None
+    return info
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _alpha_for(rank: int, scaling: float) -> float:
+    """An alpha with ``alpha / rank == scaling`` exactly in float64 (peft computes alpha / r)."""
+    alpha = scaling * rank
+    if alpha / rank == scaling:
+        return alpha
+    for direction in (math.inf, -math.inf):
+        candidate = alpha
+        for _ in range(4):
+            candidate = math.nextafter(candidate, direction)
+            if candidate / rank == scaling:
+                return candidate
+    return alpha  # off by one ulp of float64 at worst, far below float32 resolution
+
+
+def _matches(pattern: str, module: str) -> bool:
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None  # peft's get_pattern_key rule
+
+
+def _pattern_key(module: str, modules: list[str]) -> str:
+    # peft treats pattern keys as regular expressions: use the full name, escaped if its dots
+    # would otherwise also match another module of this adapter.
+    if sum(_matches(module, other) for other in modules) == 1:
+        return module
+    return re.escape(module)
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike[str],
+    adapter: Adapter,
+    *,
+    base_model_name_or_path: str | None = None,
+    target_modules: list[str] | None = None,
+    extra_files: dict[str, Any] | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> None:
+    """Write ``adapter`` as a standard PEFT LoRA directory, atomically.
+
+    ``r``/``lora_alpha`` are the most common rank and alpha; modules that differ get entries in
+    ``rank_pattern``/``alpha_pattern`` so every module's ``alpha / r`` equals its scaling and the
+    loaded model applies exactly ``scaling * B @ A``. ``target_modules`` defaults to the full
+    module names, so peft adapts exactly these modules. ``extra_files`` maps a file name to
+    bytes, str, or a JSON-serialisable object written beside the adapter. An existing
+    ``directory`` is replaced.
+    """
+    if not adapter:
+        raise AdapterError(f"{directory}: refusing to write an adapter with no modules")
+    modules = sorted(adapter)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in modules:
+        f = adapter[name]
+        if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1] or f.A.shape[0] == 0:
+            raise AdapterError(
+                f"{directory}, module {name!r}: bad factor shapes {tuple(f.A.shape)}, {tuple(f.B.shape)}"
+            )
+        if not (math.isfinite(f.scaling) and f.scaling > 0):
+            raise AdapterError(
+                f"{directory}, module {name!r}: scaling must be positive and finite, got {f.scaling}"
+            )
+        if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
+            # e.g. an aggregate that overflowed float32: never hand out an adapter that poisons a model
+            raise AdapterError(
+                f"{directory}, module {name!r}: the adapter contains NaN or Inf; refusing to write it"
+            )
+        ranks[name] = f.rank
+        alphas[name] = _alpha_for(f.rank, float(f.scaling))
+        tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.detach().to(torch.float32, copy=True)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = f.B.detach().to(torch.float32, copy=True)
+
+    # Most common values as the defaults; ties go to the larger value, for a stable choice.
+    r = max(Counter(ranks.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
+    alpha = max(Counter(alphas.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(target_modules) if target_modules is not None else modules,
+        rank_pattern={_pattern_key(n, modules): ranks[n] for n in modules if ranks[n] != r},
+        alpha_pattern={_pattern_key(n, modules): alphas[n] for n in modules if alphas[n] != alpha},
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+        inference_mode=True,
+    )
+    for name in modules:  # what peft will compute when it loads this directory
+        got_r, got_scaling = config_rank_and_scaling(config.to_dict(), name)
+        assert got_r == ranks[name] and got_scaling == alphas[name] / ranks[name], name
+
+    with atomic_directory(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        atomic_save_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        for file_name, content in (extra_files or {}).items():
+            path = safe_join(tmp, file_name)
+            if isinstance(content, bytes):
+                atomic_write_bytes(path, content)
+            elif isinstance(content, str):
+                atomic_write_bytes(path, content.encode("utf-8"))
+            else:
+                atomic_write_json(path, content)

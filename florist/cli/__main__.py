@@ -1,0 +1,5 @@
+import sys
+
+from florist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""``florist aggregate``: combine client LoRA adapters (PEFT directories) into what the server sends.
+
+    florist aggregate --method florist --threshold 0.9 --out OUT CLIENT_DIR... [--num-examples 1579,685,...]
+
+OUT receives the global adapter as a standard PEFT directory (``PeftModel.from_pretrained(base,
+OUT)`` applies exactly the aggregated update) or, for methods with one result per client
+(FlexLoRA), ``OUT/client_<i>/`` for the i-th client directory on the command line. OUT/summary.json
+records ranks, singular values, the paper's Eff, parameters and bytes on the wire, and the clients.
+Everything is written to a temporary sibling directory and renamed at the end, so on any error
+OUT is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import florist
+from florist.adapters import (
+    CLIENT_INFO_FILE,
+    DEFAULT_MAX_BYTES,
+    NUM_EXAMPLES_FILE,
+    AdapterError,
+    read_client_info,
+    read_num_examples,
+    read_peft_adapter,
+    write_peft_adapter,
+)
+from florist.config import METHODS
+from florist.io import atomic_directory, atomic_write_json
+
+SUMMARY_FILE = "summary.json"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "aggregate",
+        help="aggregate client LoRA adapters (PEFT directories) into a global adapter",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "clients", nargs="*", metavar="CLIENT_DIR", help="PEFT adapter directories, one per client"
+    )
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--method", default="florist", choices=METHODS)
+    p.add_argument(
+        "--threshold", type=float, default=None, help="FLoRIST energy threshold tau in (0, 1] (default 0.9)"
+    )
+    p.add_argument(
+        "--num-examples",
+        default=None,
+        help=f"comma-separated example counts, one per client (default: {CLIENT_INFO_FILE} or "
+        f"{NUM_EXAMPLES_FILE} in each client directory)",
+    )
+    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES), help="aggregation arithmetic")
+    p.add_argument(
+        "--decomposition", default=None, choices=("qr", "svd", "dense"), help="SVD route (FLoRIST)"
+    )
+    p.add_argument(
+        "--wire-dtype", default="float32", choices=sorted(WIRE_DTYPES), help="dtype for byte counts"
+    )
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted adapter file")
+    p.add_argument("--base-model", default=None, help="base_model_name_or_path for the output config")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing florist aggregate output")
+    p.set_defaults(func=run_aggregate)
+
+
+# --- argument checks -----------------------------------------------------------------------
+
+
+def _parse_num_examples(text: str | None, clients: list[Path]) -> list[int | None]:
+    if text is None:
+        return [None] * len(clients)
+    parts = [s.strip() for s in text.split(",")]
+    if len(parts) != len(clients):
+        raise AdapterError(f"--num-examples has {len(parts)} values for {len(clients)} client directories")
+    counts: list[int | None] = []
+    for client, part in zip(clients, parts):
+        try:
+            n = int(part)
+        except ValueError:
+            raise AdapterError(f"{client}: --num-examples value {part!r} is not an integer") from None
+        if n <= 0:
+            raise AdapterError(f"{client}: num_examples must be positive, got {n}")
+        counts.append(n)
+    return counts
+
+
+def _check_out(out: Path, clients: list[Path], overwrite: bool) -> None:
+    resolved = out.resolve()
+    for client in clients:
+        c = client.resolve()
+        if resolved == c or resolved.is_relative_to(c) or c.is_relative_to(resolved):
+            raise AdapterError(f"--out {out} overlaps the client directory {client}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AdapterError(f"--out {out} exists and is not a directory")
+    if not overwrite:
+        raise AdapterError(f"--out {out} already exists; pass --overwrite to replace it")
+    # Replacing deletes the old directory: only ever do that to an earlier aggregate output.
+    if any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():
+        raise AdapterError(
+            f"--out {out} is not empty and is not a florist aggregate output; refusing to replace it"
+        )
+
+
+def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
+    from florist.aggregation import AGGREGATORS
+
+    if args.threshold is not None and args.method != "florist":
+        raise AdapterError(f"--threshold applies to --method florist, not {args.method}")
+    options: dict[str, Any] = {}
+    if args.method == "florist":
+        tau = 0.9 if args.threshold is None else args.threshold
+        if not (0.0 < tau <= 1.0):
+            raise AdapterError(f"--threshold (tau) must be in (0, 1], got {tau}")
+        options["threshold"] = tau
+    if args.decomposition is not None:
+        accepted = inspect.signature(AGGREGATORS[args.method].__init__).parameters
+        if "decomposition" not in accepted:
+            raise AdapterError(f"--decomposition does not apply to --method {args.method}")
+        options["decomposition"] = args.decomposition
+    return options
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def _read_clients(clients: list[Path], counts: list[int | None], max_bytes: int) -> tuple[list, list[dict]]:
+    from florist.aggregation import ClientUpdate
+
+    updates: list[ClientUpdate] = []
+    described: list[dict[str, Any]] = []
+    for index, (client, count) in enumerate(
+        zip(tqdm(clients, desc="reading clients", unit="client", disable=None), counts)
+    ):
+        info = read_client_info(client)
+        adapter, config = read_peft_adapter(client, max_bytes=max_bytes)
+        n = count if count is not None else read_num_examples(client)
+        if n is None:
+            raise AdapterError(
+                f"{client}: number of examples unknown; write {CLIENT_INFO_FILE} "
+                '({"num_examples": N}) beside the adapter or pass --num-examples'
+            )
+        # The directory as given is the client's id in the round, so every aggregation error names it.
+        updates.append(ClientUpdate(client_id=str(client), num_examples=n, modules=adapter))
+        described.append(
+            {
+                "index": index,
+                "dir": str(client),
+                "client_id": info.get("client_id", client.name),
+                "num_examples": n,
+                "base_model_name_or_path": config.get("base_model_name_or_path"),
+                "ranks": {name: f.rank for name, f in adapter.items()},
+                "scalings": sorted({f.scaling for f in adapter.values()}),
+            }
+        )
+    return updates, described
+
+
+def _base_model(described: list[dict[str, Any]], override: str | None) -> str | None:
+    if override is not None:
+        return override
+    first = described[0]
+    for d in described[1:]:
+        if d["base_model_name_or_path"] != first["base_model_name_or_path"]:
+            raise AdapterError(
+                f"{d['dir']}: base model {d['base_model_name_or_path']!r} differs from "
+                f"{first['dir']}'s {first['base_model_name_or_path']!r}; pass --base-model to override"
+            )
+    return first["base_model_name_or_path"]
+
+
+def _check_finite(result, dtype: str) -> None:
+    # Finite uploads can still sum past the float32 range; never write such an adapter.
+    adapters = [result.adapter] if result.per_client is None else list(result.per_client.values())
+    for adapter in adapters:
+        for name, f in adapter.items():
+            if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
+                hint = "; try --dtype float64" if dtype == "float32" else ""
+                raise AdapterError(
+                    f"module {name!r}: the {result.method} aggregate is not finite (overflow in {dtype}){hint}"
+                )
+
+
+def run_aggregate(args: argparse.Namespace) -> int:
+    from florist.aggregation import get_aggregator
+    from florist.comm import paper_eff, round_communication
+
+    start = time.perf_counter()
+    clients = [Path(c) for c in args.clients]
+    if not clients:
+        raise AdapterError("no client directories given (zero clients)")
+    seen: dict[Path, Path] = {}
+    for client in clients:
+        if client.resolve() in seen:
+            raise AdapterError(
+                f"{client}: the same client directory is given twice (also as {seen[client.resolve()]})"
+            )
+        seen[client.resolve()] = client
+    if args.max_bytes <= 0:
+        raise AdapterError(f"--max-bytes must be positive, got {args.max_bytes}")
+    out = Path(args.out)
+    _check_out(out, clients, args.overwrite)
+    counts = _parse_num_examples(args.num_examples, clients)
+    options = _aggregator_options(args)
+    aggregator = get_aggregator(args.method, dtype=DTYPES[args.dtype], **options)
+
+    updates, described = _read_clients(clients, counts, args.max_bytes)
+    base_model = _base_model(described, args.base_model)
+    read_seconds = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    try:
+        result = aggregator.aggregate(updates)
+    except torch.linalg.LinAlgError as e:  # e.g. an overflow to Inf inside the SVD
+        hint = "; try --dtype float64" if args.dtype == "float32" else ""
+        raise AdapterError(
+            f"{args.method} aggregation in {args.dtype} failed: {str(e).splitlines()[0]}{hint}"
+        ) from None
+    aggregate_seconds = time.perf_counter() - t0
+    _check_finite(result, args.dtype)
+    communication = round_communication(result, updates, wire_dtype=WIRE_DTYPES[args.wire_dtype])
+    total = sum(u.num_examples for u in updates)
+    for d in described:
+        d["weight"] = d["num_examples"] / total
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        if result.per_client is not None:
+            outputs = []
+            for d in described:
+                name = f"client_{d['index']}"
+                write_peft_adapter(
+                    tmp / name, result.per_client[d["dir"]], base_model_name_or_path=base_model
+                )
+                d["output"] = name
+                outputs.append(name)
+        else:
+            assert result.adapter is not None
+            write_peft_adapter(tmp, result.adapter, base_model_name_or_path=base_model)
+            outputs = ["."]
+        summary = {
+            "florist_version": florist.__version__,
+            "method": result.method,
+            "threshold": options.get("threshold"),
+            "options": {"dtype": args.dtype, "wire_dtype": args.wire_dtype, **options},
+            "merge_into_base": result.merge,
+            "base_model_name_or_path": base_model,
+            "outputs": outputs,
+            "ranks": result.ranks,
+            "total_rank": sum(result.ranks.values()),
+            "singular_values": {name: s.tolist() for name, s in result.singular_values.items()},
+            "eff": paper_eff(result),
+            "communication": communication,
+            "clients": described,
+            "seconds": {
+                "read": read_seconds,
+                "aggregate": aggregate_seconds,
+                "total": time.perf_counter() - start,
+            },
+        }
+        atomic_write_json(tmp / SUMMARY_FILE, summary)
+
+    print(
+        f"florist aggregate: {result.method} over {len(updates)} clients -> {out} "
+        f"(rank {summary['total_rank']} over {len(result.ranks)} modules, Eff {summary['eff']:.4g})",
+        file=sys.stdout,
+    )
+    return 0
