@@ -8,9 +8,10 @@ LoRA factors of that module and its scaling. The effective weight update of a mo
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -102,6 +103,11 @@ class Aggregator(ABC):
     supports_heterogeneous: ClassVar[bool] = True
     uploaded_factors: ClassVar[tuple[Factor, ...]] = ("A", "B")
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in cls.__dict__:
+            cls.aggregate = _guarded(cls.__dict__["aggregate"])  # type: ignore[method-assign]
+
     def __init__(self, dtype: torch.dtype = torch.float64) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"aggregation dtype must be float32 or float64, not {dtype}")
@@ -116,6 +122,52 @@ class Aggregator(ABC):
 
 
 # --- shared checks and helpers -------------------------------------------------------------
+
+# Headroom below the dtype's largest value: LAPACK's norms and rotations need some.
+_RANGE_HEADROOM = 1e6
+
+
+def check_range(updates: Sequence[ClientUpdate], dtype: torch.dtype) -> None:
+    """Refuse updates whose aggregate could overflow ``dtype`` (finite uploads can still do so)."""
+    limit = torch.finfo(dtype).max / _RANGE_HEADROOM
+    total = float(sum(u.num_examples for u in updates))
+    for name in updates[0].modules:
+        bound = 0.0
+        for u in updates:
+            f = u.modules[name]
+            size = float(f.B.abs().max()) * float(f.A.abs().max()) * f.rank * abs(f.scaling)
+            bound += u.num_examples / total * size
+            if float(f.B.abs().max()) * abs(f.scaling) > limit:
+                raise ValueError(
+                    f"client {u.client_id!r}, module {name!r}: scaled B reaches "
+                    f"{float(f.B.abs().max()) * abs(f.scaling):.3g}, beyond what {dtype} can aggregate"
+                )
+        if not bound < limit:
+            raise ValueError(
+                f"module {name!r}: the clients' updates reach about {bound:.3g}, beyond what {dtype} "
+                "can aggregate; use float64"
+            )
+
+
+def _guarded(aggregate: Callable[[Aggregator, Sequence[ClientUpdate]], GlobalResult]):
+    """Wrap every method's ``aggregate``: range check first, and never return NaN/Inf factors."""
+
+    @functools.wraps(aggregate)
+    def wrapper(self: Aggregator, updates: Sequence[ClientUpdate]) -> GlobalResult:
+        validate_updates(updates)
+        check_range(updates, self.dtype)
+        try:
+            result = aggregate(self, updates)
+        except torch.linalg.LinAlgError as e:
+            raise ValueError(f"{self.name}: the decomposition failed ({e}); check the clients' uploads") from None
+        adapters = [result.adapter] if result.adapter is not None else list((result.per_client or {}).values())
+        for adapter in adapters:
+            for name, f in adapter.items():
+                if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
+                    raise ValueError(f"module {name!r}: {self.name} produced NaN/Inf in {self.dtype}; use float64")
+        return result
+
+    return wrapper
 
 
 def validate_updates(updates: Sequence[ClientUpdate], *, homogeneous: bool = False) -> list[str]:

@@ -1,0 +1,35 @@
+"""FedIT: FedAvg of the two LoRA factors separately (homogeneous ranks only).
+
+B = sum_k p_k B_k and A = sum_k p_k A_k, so B A != sum_k p_k B_k A_k (cross terms): the method is
+not exact, which is the point the other methods improve on. Clients continue from (B, A).
+If all clients share one scaling it is kept; otherwise each s_k is folded into B_k and the output
+has scaling 1 (see ``linalg.fold_factors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from florist.aggregation.base import (
+    Aggregator,
+    ClientUpdate,
+    GlobalResult,
+    client_weights,
+    register,
+    validate_updates,
+)
+from florist.aggregation.linalg import padded_average
+
+
+@register
+class FedIT(Aggregator):
+    name = "fedit"
+    supports_heterogeneous = False
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
+        names = validate_updates(updates, homogeneous=True)
+        weights = client_weights(updates, self.dtype)
+        adapter = {name: padded_average(updates, name, weights, self.dtype) for name in names}
+        return GlobalResult(
+            method=self.name, merge=False, ranks={n: f.rank for n, f in adapter.items()}, adapter=adapter
+        )

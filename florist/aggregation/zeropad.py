@@ -1,0 +1,42 @@
+"""Zero-padding: FedIT for heterogeneous ranks.
+
+Every A_k is padded with zero rows and every B_k with zero columns to r_max = max_k r_k, then the
+two factors are averaged as in FedIT. Client k continues from the first r_k directions of that
+average (A[:r_k], B[:, :r_k]); ``GlobalResult.per_client`` holds exactly those slices, so the
+download is counted at r_k. The client with the largest rank receives the whole average.
+
+Scaling. The authors' code mixed the clients' scalings up when padding. Here: if every client
+has the same scaling s (the paper's alpha = 2 r_k gives s = 2 for all), the average and every
+slice keep s, so client k's update is s * B[:, :r_k] A[:r_k] under its own alpha_k / r_k. If the
+scalings differ, each s_k is folded into B_k before averaging and the output has scaling 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from florist.aggregation.base import (
+    Aggregator,
+    ClientUpdate,
+    GlobalResult,
+    client_weights,
+    register,
+    validate_updates,
+)
+from florist.aggregation.linalg import leading, padded_average, share_by_rank
+
+
+@register
+class ZeroPad(Aggregator):
+    name = "zeropad"
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
+        names = validate_updates(updates)
+        weights = client_weights(updates, self.dtype)
+        average = {name: padded_average(updates, name, weights, self.dtype) for name in names}
+        adapter, per_client, ranks = share_by_rank(
+            updates, names, lambda name, rank: leading(average[name], rank)
+        )
+        return GlobalResult(
+            method=self.name, merge=False, ranks=ranks, adapter=adapter, per_client=per_client
+        )

@@ -1,0 +1,157 @@
+"""Communication accounting: what crosses the wire in one round, and the paper's Eff metric.
+
+``round_communication`` counts the tensors actually exchanged: each client uploads the factors in
+``result.uploaded_factors`` of its own update, and downloads the factors in
+``result.downloaded_factors`` of the adapter the server sends it (``result.adapter_for``: the
+shared adapter, or its own one for zero-padding/FlexLoRA/FFA with heterogeneous ranks). Bytes are
+parameters times the item size of the wire dtype (float32 by default; ``None`` = the tensors' own
+dtype).
+
+The paper's ``Eff = 1 / sum_modules (broadcast rank)``, one factor counting half (FFA sends only
+B). ``shape_communication`` and ``eff_for_shapes`` give the same quantities from module shapes and
+ranks alone, to reproduce the paper's tables for models we do not load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from florist.aggregation.base import ClientUpdate, GlobalResult
+
+METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+
+
+def _itemsize(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> int:
+    return (tensor.dtype if wire_dtype is None else wire_dtype).itemsize
+
+
+def _counter() -> dict[str, int]:
+    return {"params_up": 0, "bytes_up": 0, "params_down": 0, "bytes_down": 0}
+
+
+def paper_eff(result: GlobalResult) -> float:
+    """1 / sum over modules of the broadcast rank, weighted by the share of factors downloaded."""
+    weight = len(result.downloaded_factors) / 2
+    total = sum(result.ranks.values()) * weight
+    if total <= 0:
+        raise ValueError(f"{result.method} result broadcasts nothing (sum of ranks is 0)")
+    return 1.0 / total
+
+
+def round_communication(
+    result: GlobalResult, updates: Sequence[ClientUpdate], *, wire_dtype: torch.dtype | None = torch.float32
+) -> dict:
+    """Parameters and bytes up and down, per client, per module and in total, plus Eff."""
+    clients: dict[str, dict[str, int]] = {}
+    modules: dict[str, dict[str, int]] = {name: _counter() for name in result.ranks}
+    for u in updates:
+        c = clients[u.client_id] = _counter()
+        sent = [(name, "up", getattr(f, k)) for name, f in u.modules.items() for k in result.uploaded_factors]
+        received = result.adapter_for(u.client_id)
+        sent += [
+            (name, "down", getattr(f, k)) for name, f in received.items() for k in result.downloaded_factors
+        ]
+        for name, direction, tensor in sent:
+            params, size = tensor.numel(), tensor.numel() * _itemsize(tensor, wire_dtype)
+            for counter in (c, modules.setdefault(name, _counter())):
+                counter[f"params_{direction}"] += params
+                counter[f"bytes_{direction}"] += size
+    total = _counter()
+    for c in clients.values():
+        for key in total:
+            total[key] += c[key]
+    return {
+        "method": result.method,
+        "wire_dtype": str(wire_dtype).removeprefix("torch.") if wire_dtype is not None else "native",
+        "num_clients": len(clients),
+        "clients": clients,
+        "modules": {
+            name: {**counts, "broadcast_rank": result.ranks.get(name, 0)} for name, counts in modules.items()
+        },
+        "total": {
+            **total,
+            "params": total["params_up"] + total["params_down"],
+            "bytes": total["bytes_up"] + total["bytes_down"],
+        },
+        "broadcast_rank_sum": int(sum(result.ranks.values())),
+        "eff": paper_eff(result),
+    }
+
+
+def shape_communication(
+    module_shapes: Sequence[tuple[int, int]],
+    client_ranks: Sequence[int],
+    method: str,
+    *,
+    florist_rank: int | Sequence[int] | None = None,
+    wire_dtype: torch.dtype = torch.float32,
+) -> dict:
+    """One round's communication from shapes alone: ``module_shapes`` is (out, in) per module.
+
+    ``client_ranks`` are the clients' LoRA ranks (one per client). FLoRIST's broadcast rank p
+    depends on the weights, so it is given as ``florist_rank`` (one int, or one per module).
+    The per-method rules mirror the aggregators: the tests check both agree.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    ranks = [int(r) for r in client_ranks]
+    if not ranks or min(ranks) <= 0:
+        raise ValueError(f"client_ranks must be non-empty and positive, got {list(client_ranks)}")
+    if method == "fedit" and len(set(ranks)) > 1:
+        raise ValueError(f"fedit needs homogeneous ranks, got {ranks}")
+    if method == "florist":
+        if florist_rank is None:
+            raise ValueError("florist's broadcast rank depends on the weights: pass florist_rank")
+        p = [int(florist_rank)] * len(module_shapes) if isinstance(florist_rank, int) else list(florist_rank)
+        if len(p) != len(module_shapes):
+            raise ValueError(f"florist_rank has {len(p)} entries for {len(module_shapes)} modules")
+    factor_share = 0.5 if method == "ffa" else 1.0  # FFA moves B only
+    itemsize = wire_dtype.itemsize
+    clients = [_counter() for _ in ranks]
+    rank_sum = 0
+    for i, (m, n) in enumerate(module_shapes):
+        if method == "flora":
+            broadcast = sum(ranks)  # the whole stack
+        elif method == "florist":
+            broadcast = p[i]
+        else:
+            broadcast = max(ranks)  # FedIT's r, or r_max for the per-client methods
+        rank_sum += broadcast
+        for k, r_k in enumerate(ranks):
+            per_rank = m if method == "ffa" else m + n
+            # zero-padding, FlexLoRA and FFA send client k its first r_k directions only
+            down = r_k if method in ("zeropad", "flexlora", "ffa") else broadcast
+            clients[k]["params_up"] += r_k * per_rank
+            clients[k]["params_down"] += down * per_rank
+    for c in clients:
+        c["bytes_up"], c["bytes_down"] = c["params_up"] * itemsize, c["params_down"] * itemsize
+    total = {key: sum(c[key] for c in clients) for key in _counter()}
+    return {
+        "method": method,
+        "clients": clients,
+        "total": total,
+        "broadcast_rank_sum": rank_sum,
+        "eff": 1.0 / (rank_sum * factor_share),
+    }
+
+
+def eff_for_shapes(
+    num_layers: int,
+    modules_per_layer: int,
+    rank: int | Sequence[int],
+    method: str,
+    num_clients: int = 8,
+    *,
+    florist_rank: int | None = None,
+) -> float:
+    """The paper's Eff for a model with ``num_layers`` x ``modules_per_layer`` adapted modules.
+
+    ``rank`` is the clients' common rank or their list of ranks (then ``num_clients`` is unused).
+    E.g. TinyLlama (22 layers, q and v, r = 16, 8 clients): FedIT 14.20e-4, FLoRA 1.78e-4,
+    FFA 28.40e-4.
+    """
+    ranks = [rank] * num_clients if isinstance(rank, int) else list(rank)
+    shapes = [(1, 1)] * (num_layers * modules_per_layer)  # Eff does not depend on the sizes
+    return shape_communication(shapes, ranks, method, florist_rank=florist_rank)["eff"]
