@@ -1,0 +1,336 @@
+"""Local training of one client's LoRA: AdamW, micro-batches + accumulation, bf16 autocast,
+length-grouped batching, and determinism from ``(seed, round, client)``.
+
+The recipe follows the paper's code (alpaca-lora / HF ``Trainer`` defaults): AdamW with no
+warm-up and a linear decay of the learning rate to 0, gradient clipping at norm 1, the loss a
+mean over every label token of the optimizer batch. We write the loop ourselves instead of
+using ``Trainer`` because a federated simulation trains hundreds of short client sessions on
+one shared model, and the loop must be exactly reproducible and cheap to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from florist.aggregation.base import Adapter, ClientUpdate
+from florist.config import RunConfig
+from florist.lora import LoraHost
+from florist.models import autocast_dtype
+
+IGNORE_INDEX = -100
+MEGA_BATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort within 50 micro-batches
+
+
+# --- randomness ----------------------------------------------------------------------------
+
+
+def _derive_seed(*parts: object) -> int:
+    # hashlib, not hash(): Python salts str hashes per process, and seeds must agree across
+    # processes and machines (simulation, sweep and Flower SuperNodes).
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def client_generator(seed: int, round_index: int, client_index: int) -> torch.Generator:
+    """The one random stream of a client in a round: its fresh LoRA init, dropout and data order."""
+    return torch.Generator().manual_seed(_derive_seed("florist-client", seed, round_index, client_index))
+
+
+def ffa_frozen_A(seed: int, module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, torch.Tensor]:
+    """FFA-LoRA's frozen A, shared by every client and round: Kaiming-uniform from (seed, module).
+
+    Returns ``rank`` rows per module; a client of rank r_k uses the first r_k rows.
+    """
+    out = {}
+    for name, (_out_features, in_features) in module_shapes.items():
+        g = torch.Generator().manual_seed(_derive_seed("florist-ffa", seed, name))
+        A = torch.empty(rank, in_features, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+        out[name] = A
+    return out
+
+
+# --- configuration and results -------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 16
+    batch_size: int = 128
+    epochs: int = 1
+    learning_rate: float = 3e-4
+    max_steps: int | None = None  # optimizer steps; when set it replaces epochs (as in HF Trainer)
+    group_by_length: bool = True
+    precision: str = "auto"  # auto | bf16 | fp32 (see florist.models.autocast_dtype)
+    cutoff_len: int = 512
+    train_on_inputs: bool = True  # used when tokenising (florist.data), kept here for one config
+    weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0  # HF Trainer's default, which the paper's code used
+    lr_scheduler: str = "linear"  # linear decay to 0 (HF default) | constant
+    progress: bool | None = None  # None: a tqdm bar when stderr is a TTY and FLORIST_PROGRESS != 0
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size <= 0 or self.batch_size <= 0:
+            raise ValueError("batch_size and micro_batch_size must be positive")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive (or set max_steps), got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.lr_scheduler not in ("linear", "constant"):
+            raise ValueError(f"lr_scheduler must be linear or constant, got {self.lr_scheduler!r}")
+        if self.cutoff_len <= 1:
+            raise ValueError(f"cutoff_len must be at least 2, got {self.cutoff_len}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig) -> TrainConfig:
+        return cls(
+            micro_batch_size=cfg.local_micro_batch_size,
+            batch_size=cfg.local_batch_size,
+            epochs=cfg.local_num_epochs,
+            learning_rate=cfg.local_learning_rate,
+            max_steps=cfg.local_max_steps,
+            group_by_length=cfg.group_by_length,
+            precision=cfg.precision,
+            cutoff_len=cfg.cutoff_len,
+            train_on_inputs=cfg.train_on_inputs,
+        )
+
+
+@dataclass
+class ClientResult:
+    update: ClientUpdate
+    losses: list[float]  # mean label-token loss of each optimizer step
+    steps: int
+    tokens: int  # non-padding tokens processed
+    seconds: float
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def plan_batches(
+    lengths: list[int], cfg: TrainConfig, generator: torch.Generator
+) -> Iterator[list[list[int]]]:
+    """Yield optimizer batches (lists of micro-batches of example indices), epoch after epoch.
+
+    With ``group_by_length`` a shuffled epoch is cut into mega-batches of 50 micro-batches, each
+    sorted by length (so a micro-batch holds similar lengths and little padding), cut into
+    optimizer batches, whose order is then shuffled. The last batch of an epoch may be short.
+    """
+    n = len(lengths)
+    mega = MEGA_BATCH_MULT * cfg.micro_batch_size
+    mega = max(cfg.batch_size, mega - mega % cfg.batch_size)  # whole optimizer batches only
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        batches: list[list[int]] = []
+        if cfg.group_by_length:
+            for start in range(0, n, mega):
+                chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+                batches += [chunk[j : j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)]
+            shuffled = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[i] for i in shuffled]
+        else:
+            batches = [order[j : j + cfg.batch_size] for j in range(0, n, cfg.batch_size)]
+        for batch in batches:
+            yield [batch[j : j + cfg.micro_batch_size] for j in range(0, len(batch), cfg.micro_batch_size)]
+
+
+def collate(examples: list[dict], pad_token_id: int, cutoff_len: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pad ids, labels -100 and attention mask 0 on padding."""
+    width = min(cutoff_len, max(len(e["input_ids"]) for e in examples))
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        k = min(width, len(e["input_ids"]))
+        input_ids[row, :k] = torch.as_tensor(e["input_ids"][:k], dtype=torch.long)
+        labels[row, :k] = torch.as_tensor(e["labels"][:k], dtype=torch.long)
+        attention_mask[row, :k] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that contribute to the causal-LM loss (labels are shifted by one)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over label tokens of the next-token cross-entropy, in fp32."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(
+        shift_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _check_examples(examples: list[dict], client_id: str, vocab_size: int) -> list[int]:
+    if not examples:
+        raise ValueError(f"client {client_id!r} has no training examples")
+    lengths = []
+    for i, e in enumerate(examples):
+        ids, labels = e.get("input_ids"), e.get("labels")
+        if ids is None or labels is None:
+            raise ValueError(
+                f"client {client_id!r}, example {i}: needs input_ids and labels (tokenise it first)"
+            )
+        if len(ids) == 0 or len(ids) != len(labels):
+            raise ValueError(
+                f"client {client_id!r}, example {i}: {len(ids)} input_ids but {len(labels)} labels"
+            )
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise ValueError(
+                f"client {client_id!r}, example {i}: token id out of the vocabulary (size {vocab_size})"
+            )
+        lengths.append(len(ids))
+    return lengths
+
+
+# --- the trainer ---------------------------------------------------------------------------
+
+
+class LocalTrainer:
+    """Trains one client's LoRA in the host's slot and returns it as a :class:`ClientUpdate`."""
+
+    def __init__(
+        self, host: LoraHost, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, device: torch.device
+    ) -> None:
+        self.host = host
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.autocast = autocast_dtype(cfg.precision, self.device)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; load it with florist.models.load_model")
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        host.model.to(self.device)
+
+    def _show_progress(self) -> bool:
+        if self.cfg.progress is not None:
+            return self.cfg.progress
+        return os.environ.get("FLORIST_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+    def total_steps(self, num_examples: int) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return self.cfg.epochs * math.ceil(num_examples / self.cfg.batch_size)
+
+    def train(
+        self,
+        *,
+        client_id: str,
+        client_index: int,
+        round_index: int,
+        examples: list[dict],
+        rank: int,
+        alpha: float,
+        init: Adapter | None,
+        seed: int,
+        frozen_A: dict[str, torch.Tensor] | None = None,
+    ) -> ClientResult:
+        """Install the client's LoRA (fresh, from ``init``, or FFA's ``frozen_A``), train it, return it.
+
+        Everything random comes from ``client_generator(seed, round_index, client_index)``, in a
+        fixed order: the fresh LoRA init, then the dropout seed, then the data order.
+        """
+        model = self.host.model
+        lengths = _check_examples(examples, client_id, int(model.config.vocab_size))
+        start = time.perf_counter()
+        generator = client_generator(seed, round_index, client_index)
+        self.host.install(rank, alpha, init=init, generator=generator, frozen_A=frozen_A)
+        try:
+            return self._train_installed(client_id, examples, lengths, generator, start)
+        finally:
+            self.host.remove()
+            model.eval()
+
+    def _train_installed(
+        self,
+        client_id: str,
+        examples: list[dict],
+        lengths: list[int],
+        generator: torch.Generator,
+        start: float,
+    ) -> ClientResult:
+        cfg, model = self.cfg, self.host.model
+        params = self.host.trainable_parameters()
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
+        total = self.total_steps(len(examples))
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
+        # peft's dropout draws from the global RNG: seed it from the client's stream, and keep
+        # the caller's RNG state untouched.
+        dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        batches = plan_batches(lengths, cfg, generator)
+        losses: list[float] = []
+        tokens = 0
+        model.train()
+        bar = tqdm(
+            total=total,
+            desc=f"client {client_id}",
+            unit="step",
+            leave=False,
+            disable=not self._show_progress(),
+        )
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(dropout_seed)
+            for _step in range(total):
+                micro_batches = [
+                    collate([examples[i] for i in mb], self.pad_token_id, cfg.cutoff_len)
+                    for mb in next(batches)
+                ]
+                # Mean over every label token of the optimizer batch, so that accumulating
+                # micro-batches gives exactly the full-batch gradient.
+                n_label = max(1, sum(count_label_tokens(b["labels"]) for b in micro_batches))
+                step_loss = 0.0
+                for b in micro_batches:
+                    b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+                    with torch.autocast(
+                        self.device.type,
+                        dtype=self.autocast or torch.float32,
+                        enabled=self.autocast is not None,
+                    ):
+                        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    loss = summed_loss(logits, b["labels"]) / n_label
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                    tokens += int(b["attention_mask"].sum())
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(
+                        f"client {client_id!r}: loss is {step_loss} at step {len(losses) + 1}"
+                    )
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.close()
+        update = ClientUpdate(client_id=client_id, num_examples=len(examples), modules=self.host.extract())
+        return ClientResult(
+            update=update, losses=losses, steps=total, tokens=tokens, seconds=time.perf_counter() - start
+        )
