@@ -1,0 +1,292 @@
+"""``florist eval``: MMLU accuracy and held-out loss of a model, a PEFT adapter or a run.
+
+    florist eval TARGET [--mmlu PATH] [--scorer loglik|generate|both] [--eval_samples N]
+                        [--heldout PATH] [--base MODEL] [--out results.json] [--kshot K]
+
+TARGET is one of
+* a model: an alias (``smollm2-135m``, the embedded default), a Hugging Face directory, a
+  ``.gguf`` file or a hub id;
+* a PEFT adapter directory (``adapter_config.json``): applied to ``--base``, or else to the
+  config's ``base_model_name_or_path``;
+* a ``florist run`` output directory (``metrics.json`` + ``adapter/``): the run's final global
+  adapter on the run's base model, evaluated by default on the run's own MMLU and held-out files.
+
+Results go to ``--out`` as JSON (written atomically) and a short table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import florist
+from florist.errors import FloristError
+from florist.io import atomic_write_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model, PEFT adapter or run on MMLU and held-out instruction data",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
+    )
+    p.add_argument(
+        "--mmlu", default=None, help="MMLU: the 1,444-question subset file or a full MMLU directory"
+    )
+    p.add_argument("--scorer", default="loglik", choices=("loglik", "generate", "both"))
+    p.add_argument(
+        "--eval_samples",
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="stratified MMLU subset of N questions",
+    )
+    p.add_argument(
+        "--heldout", default=None, help="held-out instruction data (e.g. dolly/8/global_test.json)"
+    )
+    p.add_argument(
+        "--max_heldout", "--max-heldout", type=int, default=None, help="use the first N held-out records"
+    )
+    p.add_argument(
+        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
+    )
+    p.add_argument("--out", default="eval_results.json", help="JSON results file (default: %(default)s)")
+    p.add_argument("--kshot", type=int, default=0, help="k solved dev/ exemplars before each question")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--cutoff_len", "--cutoff-len", type=int, default=512, help="held-out truncation")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--predictions", action="store_true", help="also write every question's prediction")
+    p.set_defaults(func=run_eval)
+
+
+# --- what is being evaluated ---------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    kind: str  # model | adapter | run
+    base: str
+    adapter: Path | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise FloristError(f"{path}: cannot read {what}: {e}") from None
+
+
+def resolve_target(target: str, base: str | None = None) -> Target:
+    path = Path(target).expanduser()
+    if path.is_dir() and (path / "metrics.json").is_file():
+        if not (path / "adapter" / "adapter_config.json").is_file():
+            raise FloristError(
+                f"{path}: a run directory without adapter/adapter_config.json (unfinished run?)"
+            )
+        metrics = _read_json(path / "metrics.json", "the run's metrics")
+        config = metrics.get("config", {}) if isinstance(metrics, dict) else {}
+        adapter_config = _read_json(path / "adapter" / "adapter_config.json", "the adapter config")
+        run_base = base or config.get("global_model") or adapter_config.get("base_model_name_or_path")
+        if not run_base:
+            raise FloristError(f"{path}: the run records no base model; pass --base")
+        return Target("run", str(run_base), path / "adapter", config)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        adapter_config = _read_json(path / "adapter_config.json", "the adapter config")
+        adapter_base = base or (
+            adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
+        )
+        if not adapter_base:
+            raise FloristError(f"{path}: adapter_config.json names no base_model_name_or_path; pass --base")
+        return Target("adapter", str(adapter_base), path)
+    if base is not None:
+        raise FloristError(f"--base is for adapters, but {target} is not an adapter or run directory")
+    return Target("model", target)
+
+
+def load_target(target: Target, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model with the adapter folded in, and its tokenizer."""
+    from florist.models import load_model
+
+    model, tokenizer = load_model(target.base, device=device, dtype=dtype)
+    if target.adapter is None:
+        return model, tokenizer
+    from peft import PeftModel
+
+    from florist.adapters import read_peft_adapter
+
+    # Validate first (safetensors only, finite, shapes match this base model), then let PEFT
+    # apply it, so rank_pattern/alpha_pattern mean exactly what they mean to PEFT.
+    shapes = {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    read_peft_adapter(target.adapter, expected_shapes=shapes)
+    peft_model = PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
+    # Folding the update into the weights makes evaluation as fast as the base model.
+    return peft_model.merge_and_unload(), tokenizer
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def _run_cfg(target: Target, mmlu: str | None) -> Any:
+    from florist.config import ConfigError, RunConfig
+
+    try:
+        cfg = RunConfig.from_dict(dict(target.run_config), source="metrics.json config")
+    except (ConfigError, TypeError):
+        cfg = RunConfig()
+    if mmlu is not None:
+        cfg.dev_data_path = mmlu
+    return cfg
+
+
+def find_inputs(
+    target: Target, mmlu: str | None, heldout: str | None
+) -> tuple[Path | None, Path | None, list[str]]:
+    """The MMLU and held-out files: given ones, else (for a run) the run's own, else the usual places."""
+    from florist import data
+    from florist.federation import find_mmlu_file
+
+    notes: list[str] = []
+    cfg = _run_cfg(target, mmlu)
+    try:
+        mmlu_path = find_mmlu_file(cfg)
+    except FileNotFoundError:
+        if mmlu is not None:
+            raise
+        mmlu_path = None
+        notes.append(f"the run's MMLU file {cfg.dev_data_path} is not there: MMLU skipped")
+    heldout_path = Path(heldout) if heldout is not None else None
+    if heldout_path is None and target.kind == "run":
+        if cfg.test_data_path:
+            heldout_path = Path(cfg.test_data_path) if Path(cfg.test_data_path).is_file() else None
+        else:
+            heldout_path = data.find_test_file(cfg.data_path, cfg.num_clients)
+        if heldout_path is None:
+            notes.append("the run's held-out test file was not found: held-out loss skipped")
+    if heldout_path is not None and not heldout_path.is_file():
+        raise FileNotFoundError(f"held-out data not found: {heldout_path}")
+    if mmlu_path is None and heldout_path is None:
+        raise FloristError(
+            "nothing to evaluate: pass --mmlu PATH (or set FLORIST_MMLU_PATH) and/or --heldout PATH"
+        )
+    return mmlu_path, heldout_path, notes
+
+
+def _load_heldout(path: Path) -> list[dict]:
+    from florist import data
+
+    records = data.load_records(path)
+    fmt = data.detect_format(records, path)
+    return [data.normalize_record(r, fmt, where=f"{path} record {i}") for i, r in enumerate(records)]
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("eval_samples", "max_heldout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise FloristError(f"--{name} must be positive, got {value}")
+    if args.kshot < 0:
+        raise FloristError(f"--kshot must be >= 0, got {args.kshot}")
+    if args.batch_size <= 0:
+        raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from florist.evaluation.heldout import heldout_loss
+    from florist.evaluation.mmlu import evaluate_mmlu, load_mmlu, load_mmlu_dev
+
+    _check_args(args)
+    started = time.perf_counter()
+    target = resolve_target(args.target, args.base)
+    mmlu_path, heldout_path, notes = find_inputs(target, args.mmlu, args.heldout)
+    # Read and check all data before the (slow) model load, so bad input fails fast.
+    questions = load_mmlu(mmlu_path) if mmlu_path is not None else []
+    dev = load_mmlu_dev(mmlu_path) if mmlu_path is not None and args.kshot else None
+    heldout = _load_heldout(heldout_path) if heldout_path is not None else []
+
+    model, tokenizer = load_target(target, device=args.device, dtype=DTYPES[args.dtype])
+    results: dict[str, Any] = {
+        "target": args.target,
+        "kind": target.kind,
+        "base_model": target.base,
+        "adapter": str(target.adapter) if target.adapter else None,
+        "device": str(next(model.parameters()).device),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "florist_version": florist.__version__,
+        "torch_version": torch.__version__,
+        "machine": platform.machine(),
+        "notes": notes,
+    }
+    if questions:
+        results["mmlu"] = {"path": str(mmlu_path), "eval_samples": args.eval_samples, "kshot": args.kshot}
+        for scorer in ("loglik", "generate") if args.scorer == "both" else (args.scorer,):
+            results["mmlu"][scorer] = evaluate_mmlu(
+                model,
+                tokenizer,
+                questions,
+                scorer=scorer,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                max_questions=args.eval_samples,
+                kshot=args.kshot,
+                dev=dev,
+                return_predictions=args.predictions,
+            )
+    if heldout:
+        results["heldout"] = {"path": str(heldout_path)} | heldout_loss(
+            model,
+            tokenizer,
+            heldout,
+            cutoff_len=args.cutoff_len,
+            batch_size=args.batch_size,
+            max_records=args.max_heldout,
+        )
+    results["seconds"] = time.perf_counter() - started
+    atomic_write_json(args.out, results)
+    print(format_table(results))
+    print(f"results: {args.out}")
+    return 0
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{results['target']} ({results['kind']}, base {results['base_model']}, {results['device']})"]
+    mmlu = results.get("mmlu", {})
+    scorers = [s for s in ("loglik", "generate") if s in mmlu]
+    if scorers:
+        lines.append(f"  {'MMLU scorer':<14}{'macro %':>9}{'micro %':>9}{'n':>7}{'q/s':>8}")
+        for s in scorers:
+            r = mmlu[s]
+            lines.append(
+                f"  {s:<14}{100 * r['accuracy_macro']:>9.2f}{100 * r['accuracy_micro']:>9.2f}"
+                f"{r['n_questions']:>7}{r['questions_per_second']:>8.2f}"
+            )
+    if "heldout" in results:
+        h = results["heldout"]
+        lines.append(
+            f"  held-out: loss {h['loss']:.4f}, perplexity {h['perplexity']:.2f}, "
+            f"token accuracy {100 * h['token_accuracy']:.2f}% over {h['n_tokens']} tokens"
+        )
+    lines += [f"  note: {n}" for n in results.get("notes", [])]
+    return "\n".join(lines)

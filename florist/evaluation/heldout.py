@@ -1,0 +1,135 @@
+"""Held-out instruction loss: mean response-token cross-entropy, perplexity and top-1 accuracy.
+
+Records are normalised instruction data (instruction, input, output), e.g. Dolly's
+``global_test.json``. They are prompted and tokenised exactly as in training (florist.data), so
+the number is the training objective measured on data no client saw. The mean is weighted by
+tokens: every scored token counts once, whatever record it belongs to.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from florist.errors import FloristError
+
+IGNORE_INDEX = -100
+# Positions per LM-head call: the vocabulary-sized logits are the memory hog, not the model.
+HEAD_CHUNK = 1024
+
+
+def _check_records(records: Sequence[Any]) -> None:
+    for i, r in enumerate(records):
+        if (
+            not isinstance(r, dict)
+            or not isinstance(r.get("instruction"), str)
+            or not isinstance(r.get("output"), str)
+        ):
+            raise FloristError(
+                f"held-out record {i}: expected a normalised record with string instruction/output"
+            )
+
+
+def _right_padded(examples: Sequence[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+@torch.inference_mode()
+def heldout_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict],
+    *,
+    cutoff_len: int = 512,
+    prompter: Any = None,
+    batch_size: int = 8,
+    max_records: int | None = None,
+    train_on_inputs: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Token-weighted loss, perplexity and next-token accuracy on the label tokens of ``records``.
+
+    With ``train_on_inputs=False`` (the default) only the response tokens are scored.
+    """
+    from florist.data import Prompter, tokenize_example
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    records = list(records[:max_records] if max_records is not None else records)
+    if not records:
+        raise ValueError("no held-out records to evaluate")
+    _check_records(records)
+    prompter = prompter if prompter is not None else Prompter("alpaca")
+    examples = [
+        tokenize_example(
+            r, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, prompter=prompter
+        )
+        for r in records
+    ]
+    # A record whose response was cut away entirely has nothing to score.
+    scored = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # Run the decoder, then the LM head only where a label is scored (not on prompt or padding).
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    total_loss, total_correct, total_tokens = 0.0, 0, 0
+    order = sorted(range(len(scored)), key=lambda i: len(scored[i]["input_ids"]))
+    bar = tqdm(total=len(scored), desc="held-out loss", unit="rec", disable=not progress)
+    try:
+        for b in range(0, len(order), batch_size):
+            batch = [scored[i] for i in order[b : b + batch_size]]
+            ids, mask, labels = _right_padded(batch, pad_id, device)
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # Position t predicts token t+1.
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            states, targets = hidden[:, :-1][keep], targets[keep]
+            for c in range(0, len(targets), HEAD_CHUNK):
+                logits = head(states[c : c + HEAD_CHUNK]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                tgt = targets[c : c + HEAD_CHUNK]
+                total_loss += float(F.cross_entropy(logits, tgt, reduction="sum"))
+                total_correct += int((logits.argmax(-1) == tgt).sum())
+            total_tokens += int(keep.sum())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if total_tokens == 0:
+        raise FloristError(
+            f"no response tokens left to score (cutoff_len={cutoff_len} cuts every response away)"
+        )
+    loss = total_loss / total_tokens
+    seconds = time.perf_counter() - start
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "token_accuracy": total_correct / total_tokens,
+        "n_tokens": total_tokens,
+        "n_records": len(scored),
+        "n_skipped": len(examples) - len(scored),
+        "seconds": seconds,
+    }
