@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,12 +26,31 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete what a SIGKILLed earlier write of ``path`` left: its temp file/dir or parked old dir."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.([A-Za-z0-9_]{{8}}\.tmp|old-\d+)$")
+    for entry in path.parent.iterdir():
+        if pattern.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's private 0o600 would hide shared outputs
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -41,6 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    _remove_leftovers(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -78,6 +99,8 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         yield tmp
         for root, _dirs, files in os.walk(tmp):
@@ -85,7 +108,6 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -93,8 +115,12 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
+        # Put a parked previous directory back if the swap was interrupted half-way.
+        if old.exists() and not path.exists():
+            os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_leftovers(path)
 
 
 def _json_default(obj: Any) -> Any:
