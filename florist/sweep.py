@@ -1,0 +1,626 @@
+"""One local training, many aggregations: the paper's comparison table in one command.
+
+In round 1 every method starts from the same base model and, because each client's fresh LoRA
+comes from ``client_generator(seed, round, client)``, from the same client initialisations. So
+for a one-round sweep the clients are trained ONCE per rank setting and the very same client
+adapters are aggregated by every method and every τ of FLoRIST:
+
+* homogeneous ranks (``lora_r``):        FedIT, FLoRA, FlexLoRA, FLoRIST(τ) for every τ;
+* heterogeneous ranks (``local_ranks``): zero-padding, FLoRA, FlexLoRA, FLoRIST(τ);
+* FFA-LoRA trains differently (A frozen at a shared init), so its clients are trained again.
+
+Each global update is evaluated on base + update without merging (``LoraHost.use_adapter``),
+which is what the clients of the merge methods (FLoRA, FLoRIST) hold after the round. What is
+evaluated per method:
+
+* FedIT, zero-padding, FFA-LoRA: the broadcast global adapter (zero-padding: at rank r_max);
+* FlexLoRA broadcasts one truncation per client; we evaluate the rank-r_max truncation of the
+  dense average (the largest client's adapter, the same one ``florist run`` writes as adapter/);
+* FLoRA, FLoRIST: the broadcast adapter (rank Σr_k and p(τ)).
+
+With more than one round the methods diverge after round 1, so every configuration is trained
+separately with ``florist.federation.run_federated`` (the output says so).
+
+FLoRIST-O is the τ with the best accuracy (ties: higher Eff, then smaller τ). FLoRIST-E is the
+τ with the highest Eff whose accuracy is at least FLoRIST-O's minus ``e_tolerance`` points
+(ties: higher accuracy, then smaller τ). "Accuracy" is MMLU macro accuracy in percent when MMLU
+was evaluated, otherwise held-out response-token accuracy in percent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
+from florist.config import ConfigError, RunConfig
+from florist.federation import find_mmlu_file
+from florist.io import atomic_directory, atomic_write_json, atomic_write_text
+from florist.report import (
+    METHOD_LABELS,
+    SCORE_NAMES,
+    SCORE_SOURCES,
+    eval_score,
+    human_bytes,
+    per_client_bytes,
+)
+
+SWEEP_METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist")
+HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist")
+DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
+ModelFactory = Callable[[], tuple[Any, Any]]
+
+
+def _disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when asked, else as `florist run` (FLORIST_PROGRESS=0, non-TTY)."""
+    from florist.federation import progress_disabled
+
+    return True if not progress else progress_disabled()
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def parse_thresholds(spec: str | Sequence[float]) -> list[float]:
+    """Sorted unique τ values from "0.80:1.00:0.01" (an inclusive grid), "0.8,0.9,1" or a list."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            if ":" in text:
+                parts = [float(p) for p in text.split(":")]
+                if len(parts) != 3:
+                    raise ValueError
+                start, stop, step = parts
+                if step <= 0 or stop < start:
+                    raise ConfigError(f"thresholds {spec!r}: need start <= stop and a positive step")
+                n = int(math.floor((stop - start) / step + 1e-9))
+                values = [round(start + i * step, 10) for i in range(n + 1)]
+            else:
+                values = [float(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"thresholds {spec!r}: expected START:STOP:STEP or a comma-separated list"
+            ) from None
+    else:
+        values = [float(v) for v in spec]
+    if not values:
+        raise ConfigError("thresholds: the grid is empty")
+    bad = [v for v in values if not (0.0 < v <= 1.0)]
+    if bad:
+        raise ConfigError(f"thresholds must lie in (0, 1], got {bad}")
+    return sorted(set(values))
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in SWEEP_METHODS]
+    if unknown or not names:
+        raise ConfigError(f"methods must be a subset of {','.join(SWEEP_METHODS)}, got {spec!r}")
+    return [m for m in SWEEP_METHODS if m in names]  # the paper's table order
+
+
+# --- FLoRIST-O / -E and the table -----------------------------------------------------------
+
+
+def select_florist(rows: Sequence[dict[str, Any]], *, e_tolerance: float = 1.0) -> tuple[dict, dict] | None:
+    """(FLoRIST-O, FLoRIST-E) among per-τ rows with "threshold", "accuracy" (%) and "eff".
+
+    None when no row has an accuracy (evaluation was off).
+    """
+    if e_tolerance < 0:
+        raise ValueError(f"e_tolerance must be >= 0 accuracy points, got {e_tolerance}")
+    scored = [r for r in rows if r.get("accuracy") is not None and not math.isnan(float(r["accuracy"]))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (float(r["accuracy"]), float(r["eff"]), -float(r["threshold"])))
+    floor = float(best["accuracy"]) - float(e_tolerance)
+    eligible = [r for r in scored if float(r["accuracy"]) >= floor - 1e-9]
+    efficient = max(eligible, key=lambda r: (float(r["eff"]), float(r["accuracy"]), -float(r["threshold"])))
+    return best, efficient
+
+
+def setting_table(setting: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper-style rows of one rank setting: every baseline, then FLoRIST-O and FLoRIST-E."""
+    table = [dict(r, name=METHOD_LABELS[r["method"]]) for r in setting["rows"] if r["method"] != "florist"]
+    for key, suffix in (("florist_o", "O"), ("florist_e", "E")):
+        if setting.get(key):
+            table.append(dict(setting[key], name=f"FLoRIST-{suffix}"))
+    if not setting.get("florist_o"):  # no evaluation: list the τ grid instead
+        table += [dict(r, name=r["label"]) for r in setting["rows"] if r["method"] == "florist"]
+    return table
+
+
+def table_markdown(
+    table: Sequence[dict[str, Any]], *, score_source: str = "auto", base: dict[str, Any] | None = None
+) -> str:
+    has_loss = any((r.get("eval") or {}).get("heldout") for r in table)
+    score_name = SCORE_NAMES.get(score_source, "accuracy (%)")
+    head = ["method", "τ", score_name, "Eff ×10⁻⁴", "Σ rank", "down / client", "up / client"]
+    head += ["held-out loss"] if has_loss else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt_acc(v: Any) -> str:
+        return "—" if v is None else f"{float(v):.2f}"
+
+    if base is not None:
+        cells = [
+            "base model",
+            "",
+            fmt_acc((eval_score(base, score_source) or (None, None))[1]),
+            "",
+            "",
+            "",
+            "",
+        ]
+        cells += [f"{base['heldout']['loss']:.4f}" if base.get("heldout") else "—"] if has_loss else []
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in table:
+        tau = f"{float(r['threshold']):.2f}" if r.get("threshold") is not None else ""
+        cells = [
+            r["name"],
+            tau,
+            fmt_acc(r.get("accuracy")),
+            f"{1e4 * float(r['eff']):.2f}",
+            str(r["rank_total"]),
+            human_bytes(float(r["bytes_down_per_client"])),
+            human_bytes(float(r["bytes_up_per_client"])),
+        ]
+        if has_loss:
+            heldout = (r.get("eval") or {}).get("heldout")
+            cells.append(f"{heldout['loss']:.4f}" if heldout else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finish_setting(
+    setting: dict[str, Any], *, e_tolerance: float, score_source: str = "auto"
+) -> dict[str, Any]:
+    """Score every row, select FLoRIST-O/-E, build the table and its Markdown (in place)."""
+    for r in setting["rows"]:
+        if r.get("eval") is not None or "accuracy" not in r:
+            score = eval_score(r.get("eval"), score_source)
+            r["accuracy"] = score[1] if score else None
+    picked = select_florist([r for r in setting["rows"] if r["method"] == "florist"], e_tolerance=e_tolerance)
+    setting["florist_o"], setting["florist_e"] = picked if picked else (None, None)
+    setting["table"] = setting_table(setting)
+    setting["table_markdown"] = table_markdown(
+        setting["table"], score_source=score_source, base=setting.get("base_eval")
+    )
+    return setting
+
+
+# --- one configuration's row ---------------------------------------------------------------
+
+
+def eval_adapter(result: GlobalResult) -> Adapter:
+    """The adapter a method's global model is evaluated with (see the module docstring)."""
+    if result.per_client is None:
+        assert result.adapter is not None
+        return result.adapter
+    # FlexLoRA: the largest client's truncation (rank r_max); the first such client if tied.
+    return max(result.per_client.values(), key=lambda a: sum(f.rank for f in a.values()))
+
+
+def make_row(
+    method: str,
+    threshold: float | None,
+    result: GlobalResult,
+    updates: Sequence[ClientUpdate],
+    evaluation: dict[str, Any] | None,
+    *,
+    wire_dtype: torch.dtype,
+    aggregation_seconds: float,
+) -> dict[str, Any]:
+    from florist.comm import paper_eff, round_communication
+
+    comm = round_communication(result, updates, wire_dtype=wire_dtype)
+    down, up = per_client_bytes(comm)
+    label = METHOD_LABELS[method] + (f" τ={threshold:.2f}" if threshold is not None else "")
+    return {
+        "method": method,
+        "label": label,
+        "threshold": threshold,
+        "accuracy": None,  # set by finish_setting from "eval"
+        "eval": evaluation,
+        "eff": paper_eff(result),
+        "rank_total": int(sum(result.ranks.values())),
+        "ranks": {k: int(v) for k, v in result.ranks.items()},
+        "bytes_down_per_client": down,
+        "bytes_up_per_client": up,
+        # Per-client and total counts; the per-module breakdown is left out to keep sweep.json small.
+        "communication": {k: v for k, v in comm.items() if k != "modules"},
+        "aggregation_seconds": aggregation_seconds,
+    }
+
+
+# --- the one-round engine ------------------------------------------------------------------
+
+
+def train_clients(
+    host: Any,
+    trainer: Any,
+    cfg: RunConfig,
+    client_examples: Sequence[list[dict]],
+    *,
+    ffa: bool = False,
+    progress: bool = True,
+) -> list[Any]:
+    """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg."""
+    from florist.federation import client_id, sample_clients
+    from florist.training import ffa_frozen_A
+
+    frozen = None
+    if ffa:
+        r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
+        frozen = ffa_frozen_A(cfg.seed, host.module_shapes, r_max)
+    results = []
+    clients = sample_clients(cfg, 1)
+    for k in tqdm(
+        clients, desc="training clients" + (" (FFA)" if ffa else ""), disable=_disabled(progress), leave=False
+    ):
+        rank = cfg.client_rank(k)
+        results.append(
+            trainer.train(
+                client_id=client_id(k),
+                client_index=k,
+                round_index=1,
+                examples=client_examples[k],
+                rank=rank,
+                alpha=cfg.client_alpha(k),
+                init=None,
+                seed=cfg.seed,
+                frozen_A={n: a[:rank] for n, a in frozen.items()} if frozen is not None else None,
+            )
+        )
+    return results
+
+
+def aggregate_all(
+    updates: Sequence[ClientUpdate],
+    methods: Sequence[str],
+    thresholds: Sequence[float],
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Iterator[tuple[str, float | None, GlobalResult, float]]:
+    """(method, τ, result, seconds) for every method and every τ, from the same client updates.
+
+    A generator, so only one global result is alive at a time.
+    """
+    for method in methods:
+        for tau in thresholds if method == "florist" else [None]:
+            options = {"threshold": tau} if tau is not None else {}
+            t0 = time.perf_counter()
+            result = get_aggregator(method, dtype=dtype, **options).aggregate(updates)
+            yield method, tau, result, time.perf_counter() - t0
+
+
+def _setting_configs(cfg: RunConfig, heter: Sequence[bool]) -> list[tuple[str, RunConfig]]:
+    out = []
+    for h in heter:
+        c = dataclasses.replace(cfg, heter=h)
+        ranks = [c.client_rank(k) for k in range(c.num_clients)]
+        name = f"heterogeneous (ranks {','.join(map(str, ranks))})" if h else f"homogeneous (r={c.lora_r})"
+        out.append((name, c))
+    return out
+
+
+def _sweep_one_round(
+    cfg: RunConfig,
+    methods: Sequence[str],
+    thresholds: Sequence[float],
+    heter: Sequence[bool],
+    model_factory: ModelFactory,
+    save_adapters: Path | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    from florist.adapters import write_peft_adapter
+    from florist.data import Prompter, load_client_datasets, tokenize_dataset
+    from florist.federation import Evaluator
+    from florist.lora import LoraHost
+    from florist.training import LocalTrainer, TrainConfig
+
+    model, tokenizer = model_factory()
+    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), next(model.parameters()).device)
+    records = load_client_datasets(
+        cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
+    )
+    prompter = Prompter(cfg.prompt_template_name)
+    examples = [
+        tokenize_dataset(
+            r, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, prompter=prompter
+        )
+        for r in records
+    ]
+    # The same held-out records, MMLU questions and scoring as `florist run`'s eval_after.
+    evaluate = Evaluator(cfg, host, tokenizer, prompter)
+    for note in evaluate.notes:
+        tqdm.write(f"florist sweep: {note}")
+    enabled = bool(evaluate.heldout or evaluate.mmlu)
+    dtype = getattr(torch, cfg.aggregation_dtype)
+    wire = getattr(torch, cfg.wire_dtype)
+    base_eval = evaluate(None) if enabled else None
+
+    settings = []
+    for name, scfg in _setting_configs(cfg, heter):
+        allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
+        chosen = [m for m in methods if m in allowed]
+        shared = [m for m in chosen if m != "ffa"]
+        groups: list[tuple[list[ClientUpdate], list[str]]] = []  # (client updates, methods using them)
+        training = []
+        if shared:
+            results = train_clients(host, trainer, scfg, examples, progress=progress)
+            groups.append(([r.update for r in results], shared))
+            training.append({"round": 1, "client_stats": _client_stats(results)})
+        if "ffa" in chosen:
+            ffa_results = train_clients(host, trainer, scfg, examples, ffa=True, progress=progress)
+            groups.append(([r.update for r in ffa_results], ["ffa"]))
+            if not training:
+                training.append({"round": 1, "client_stats": _client_stats(ffa_results)})
+
+        rows: list[dict[str, Any]] = []
+        singular_values: dict[str, list[float]] = {}
+        total = sum(len(thresholds) if m == "florist" else 1 for _u, ms in groups for m in ms)
+        bar = tqdm(total=total, desc=f"aggregating + evaluating {name}", disable=_disabled(progress))
+        for updates, group_methods in groups:
+            # Neighbouring τ often keep the same rank in every module: the truncations of one SVD
+            # are then identical adapters, so their evaluation is reused rather than recomputed.
+            seen: dict[tuple, dict[str, Any] | None] = {}
+            for method, tau, result, seconds in aggregate_all(
+                updates, group_methods, thresholds, dtype=dtype
+            ):
+                adapter = eval_adapter(result)
+                key = (method, tuple(sorted(result.ranks.items())))
+                if method == "florist" and key in seen:
+                    evaluation = seen[key]
+                else:
+                    evaluation = seen[key] = evaluate(adapter) if enabled else None
+                rows.append(
+                    make_row(
+                        method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds
+                    )
+                )
+                if method == "florist" and not singular_values:  # the same for every τ
+                    singular_values = {
+                        k: [float(x) for x in v.flatten().tolist()] for k, v in result.singular_values.items()
+                    }
+                if save_adapters is not None:
+                    sub = "heterogeneous" if scfg.heter else "homogeneous"
+                    label = method if tau is None else f"florist_tau{tau:.2f}"
+                    write_peft_adapter(
+                        save_adapters / sub / label,
+                        adapter,
+                        base_model_name_or_path=cfg.global_model,
+                        target_modules=list(cfg.lora_target_modules),
+                    )
+                bar.update()
+        bar.close()
+        settings.append(
+            {
+                "name": name,
+                "heter": scfg.heter,
+                "client_ranks": {str(k): scfg.client_rank(k) for k in range(scfg.num_clients)},
+                "base_eval": base_eval,
+                "rows": rows,
+                "singular_values": singular_values,
+                "training_rounds": training,
+            }
+        )
+    return settings
+
+
+def _client_stats(results: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    return {
+        r.update.client_id: {
+            "rank": next(iter(r.update.ranks.values())),
+            "num_examples": r.update.num_examples,
+            "losses": [float(v) for v in r.losses],
+            "steps": r.steps,
+            "tokens": r.tokens,
+            "seconds": r.seconds,
+        }
+        for r in results
+    }
+
+
+# --- the several-round engine --------------------------------------------------------------
+
+
+def _sweep_rounds(
+    cfg: RunConfig,
+    methods: Sequence[str],
+    thresholds: Sequence[float],
+    heter: Sequence[bool],
+    model_factory: ModelFactory,
+    runs_dir: Path,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], str]:
+    from florist.federation import run_federated
+
+    settings = []
+    for name, scfg in _setting_configs(cfg, heter):
+        allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
+        configs = [
+            (m, t) for m in methods if m in allowed for t in (thresholds if m == "florist" else [None])
+        ]
+        rows, base_eval, sv, training = [], None, {}, []
+        sub = "heterogeneous" if scfg.heter else "homogeneous"
+        for method, tau in tqdm(configs, desc=f"runs {name}", disable=_disabled(progress)):
+            label = method if tau is None else f"florist_tau{tau:.2f}"
+            run_cfg = dataclasses.replace(
+                scfg,
+                method=method,
+                threshold=tau if tau is not None else scfg.threshold,
+                output_dir=str(runs_dir / sub / label),
+            )
+            model, tokenizer = model_factory()  # a fresh base: merge methods change it in place
+            metrics = run_federated(run_cfg, model=model, tokenizer=tokenizer)
+            rows.append(_row_from_metrics(method, tau, metrics, run_cfg.output_dir))
+            base_eval = base_eval or metrics.get("eval_before")
+            if method == "florist" and not sv:
+                sv = (metrics["rounds"][0].get("singular_values") or {}) if metrics.get("rounds") else {}
+            if not training:
+                training = [
+                    {"round": r["round"], "client_stats": r.get("client_stats", {})}
+                    for r in metrics["rounds"]
+                ]
+        settings.append(
+            {
+                "name": name,
+                "heter": scfg.heter,
+                "client_ranks": {str(k): scfg.client_rank(k) for k in range(scfg.num_clients)},
+                "base_eval": base_eval,
+                "rows": rows,
+                "singular_values": sv,
+                "training_rounds": training,
+            }
+        )
+    note = (
+        f"{cfg.num_communication_rounds} rounds: the methods diverge after round 1, so every configuration "
+        f"(each method and each τ) was trained separately with run_federated; runs are under {runs_dir}."
+    )
+    return settings, note
+
+
+def _row_from_metrics(
+    method: str, tau: float | None, metrics: dict[str, Any], run_dir: str
+) -> dict[str, Any]:
+    rounds = metrics.get("rounds") or []
+    # Mean bytes per client in each round, summed over the rounds.
+    per_round = [per_client_bytes(r.get("communication") or {}) for r in rounds]
+    down, up = sum(d for d, _ in per_round), sum(u for _, u in per_round)
+    last = rounds[-1] if rounds else {}
+    return {
+        "method": method,
+        "label": METHOD_LABELS[method] + (f" τ={tau:.2f}" if tau is not None else ""),
+        "threshold": tau,
+        "accuracy": None,  # set by finish_setting from "eval"
+        "eval": metrics.get("eval_after"),
+        "eff": float(metrics.get("eff_total") or 0.0),
+        "eff_per_round": metrics.get("eff_per_round"),
+        "rank_total": int(sum((last.get("ranks") or {}).values())),
+        "ranks": last.get("ranks") or {},
+        "bytes_down_per_client": down,
+        "bytes_up_per_client": up,
+        "run_dir": run_dir,
+    }
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def run_sweep(
+    cfg: RunConfig,
+    *,
+    methods: Sequence[str] = SWEEP_METHODS,
+    thresholds: str | Sequence[float] = DEFAULT_THRESHOLDS,
+    heter: Sequence[bool] = (False, True),
+    e_tolerance: float = 1.0,
+    select_by: str = "auto",
+    model_factory: ModelFactory | None = None,
+    save_adapters: bool = False,
+    report: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sweep into ``cfg.output_dir`` (sweep.json, sweep.md, report/) and return sweep.json.
+
+    ``select_by`` is the score that ranks the τ values (and fills the accuracy column): "mmlu",
+    "heldout" (response-token accuracy) or "auto" (MMLU when it was evaluated, else held-out).
+    ``model_factory`` returns a fresh (model, tokenizer); by default ``cfg.global_model`` is loaded.
+    """
+    methods = parse_methods(methods)
+    taus = parse_thresholds(thresholds)
+    if not heter:
+        raise ConfigError("heter: choose at least one rank setting")
+    if e_tolerance < 0:
+        raise ConfigError(f"--e-tolerance must be >= 0 accuracy points, got {e_tolerance}")
+    if select_by not in SCORE_SOURCES:
+        raise ConfigError(f"select_by must be one of {', '.join(SCORE_SOURCES)}, got {select_by!r}")
+    dataclasses.replace(cfg, method="florist", threshold=taus[-1]).validate()
+    if select_by == "mmlu" and not (cfg.evaluate and find_mmlu_file(cfg)):
+        raise ConfigError("select_by=mmlu needs MMLU: set --dev_data_path (and keep --evaluate on)")
+    if model_factory is None:
+        from florist.models import load_model
+
+        def model_factory() -> tuple[Any, Any]:
+            return load_model(cfg.global_model, device=cfg.device)
+
+    out = Path(cfg.output_dir)
+    t0 = time.perf_counter()
+    if cfg.num_communication_rounds == 1:
+        if save_adapters:
+            with atomic_directory(out / "adapters") as adapters_tmp:
+                settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, adapters_tmp, progress)
+        else:
+            settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, None, progress)
+        mode = "single-training"
+        note = (
+            "1 round: clients were trained once per rank setting (plus once more for FFA-LoRA, whose A is "
+            "frozen) and every method and τ aggregated the same client adapters."
+        )
+    else:
+        settings, note = _sweep_rounds(cfg, methods, taus, heter, model_factory, out / "runs", progress)
+        mode = "separate-runs"
+
+    has_mmlu = any((r.get("eval") or {}).get("mmlu") for s in settings for r in s["rows"])
+    source = select_by if select_by != "auto" else ("mmlu" if has_mmlu else "heldout")
+    for s in settings:
+        finish_setting(s, e_tolerance=e_tolerance, score_source=source)
+    sweep = {
+        "kind": "florist-sweep",
+        "model": cfg.global_model,
+        "mode": mode,
+        "note": note,
+        "rounds": cfg.num_communication_rounds,
+        "methods": list(methods),
+        "thresholds": taus,
+        "e_tolerance": e_tolerance,
+        "selection_rule": (
+            f"FLoRIST-O: the τ with the highest {SCORE_NAMES[source]}. FLoRIST-E: the τ with the highest "
+            f"Eff whose score is within {e_tolerance} points of FLoRIST-O's."
+        ),
+        "score": {"name": SCORE_NAMES[source], "source": source, "unit": "%"},
+        "seconds": time.perf_counter() - t0,
+        "config": cfg.to_dict(),
+        "settings": settings,
+    }
+    atomic_write_json(out / "sweep.json", sweep)
+    atomic_write_text(out / "sweep.md", sweep_markdown(sweep))
+    if report:
+        from florist.report import write_report
+
+        write_report(out)
+    return sweep
+
+
+def sweep_markdown(sweep: dict[str, Any]) -> str:
+    lines = [f"# Sweep: {sweep['model']}", "", sweep["note"], "", sweep["selection_rule"], ""]
+    for s in sweep["settings"]:
+        lines += [f"## {s['name']}", "", s["table_markdown"], ""]
+        florist_rows = [r for r in s["rows"] if r["method"] == "florist"]
+        if florist_rows:
+            lines += [
+                "### FLoRIST per τ",
+                "",
+                "| τ | Σ rank | Eff ×10⁻⁴ | score | held-out loss | down / client |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in florist_rows:
+                acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
+                heldout = (r.get("eval") or {}).get("heldout")
+                loss = f"{heldout['loss']:.4f}" if heldout else "—"
+                lines.append(
+                    f"| {r['threshold']:.2f} | {r['rank_total']} | {1e4 * r['eff']:.2f} | {acc} | {loss} | "
+                    f"{human_bytes(r['bytes_down_per_client'])} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
