@@ -1,0 +1,331 @@
+"""The Flower ClientApp: one institution's SuperNode trains its LoRA with florist's LocalTrainer.
+
+A SuperNode is started with its own ``--node-config``::
+
+    flower-supernode ... --node-config 'partition-id=3 num-partitions=8 lora-rank=16 data-path="/data/dolly"'
+
+* ``partition-id`` (required): this client's index k. It names the client (``client_k``, as in
+  ``florist run``) and seeds its randomness through ``client_generator(seed, round, k)``, so a
+  SuperNode draws exactly what client k draws in the in-process simulation.
+* ``data-path`` + ``num-partitions``: the paper's layout, ``<data-path>/<K>/local_training_<k>.json``
+  (the whole split must be present, as ``florist.data.load_client_datasets`` checks it);
+  or ``data-file``: just this institution's own JSON/JSONL file.
+* ``lora-rank`` (heterogeneous runs, ``heter=true``): this client's rank r_k, with alpha = 2 r_k as in
+  the paper. In homogeneous runs every client uses the run's ``lora-r``/``lora-alpha``. Without
+  ``lora-rank`` the rank comes from the run config (``local-ranks[k]``).
+* ``device`` (optional): overrides the run's device on this machine (e.g. ``cuda``).
+* ``output-dir`` (optional): where the node writes the final global adapter it receives.
+
+The model, method and training settings come from the run config (``florist.flower.app_config``).
+A ClientApp process may be started afresh for every message, so what must survive between rounds
+lives in ``context.state``, which the SuperNode keeps for the run: the global adapters merged into
+the base so far (merge methods) and FFA's frozen A. Heavy imports happen inside the handlers so the
+``info`` query answers quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from florist.config import ConfigError, RunConfig
+from florist.flower import protocol
+from florist.flower.app_config import run_config_from_flower
+from florist.flower.payload import adapter_to_record, record_to_adapter
+
+app = ClientApp()
+
+
+@dataclass
+class NodeSettings:
+    partition_id: int
+    num_partitions: int | None
+    rank: int
+    alpha: float
+    data_path: str | None
+    data_file: str | None
+    output_dir: str | None
+
+    @property
+    def client_id(self) -> str:
+        from florist.federation import client_id
+
+        return client_id(self.partition_id)
+
+
+def _int_setting(node_config: dict[str, Any], key: str) -> int | None:
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"node config {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def node_settings(context: Context) -> tuple[RunConfig, NodeSettings]:
+    """The run's RunConfig (with this node's device) and this node's own settings."""
+    cfg, _ = run_config_from_flower(context.run_config)
+    node_config = dict(context.node_config)
+    if "device" in node_config:
+        cfg.device = str(node_config["device"])
+    partition_id = _int_setting(node_config, "partition-id")
+    if partition_id is None:
+        raise ConfigError("node config needs partition-id (this client's index, 0-based)")
+    num_partitions = _int_setting(node_config, "num-partitions")
+    if num_partitions is not None and partition_id >= num_partitions:
+        raise ConfigError(f"partition-id {partition_id} is not below num-partitions {num_partitions}")
+    rank, alpha = cfg.client_rank(partition_id), cfg.client_alpha(partition_id)
+    node_rank = _int_setting(node_config, "lora-rank")
+    if cfg.heter and node_rank is not None:
+        if node_rank == 0:
+            raise ConfigError("node config lora-rank must be positive")
+        rank, alpha = node_rank, 2.0 * node_rank  # the paper's alpha = 2 r_k
+    data_file = node_config.get("data-file")
+    data_path = node_config.get("data-path", cfg.data_path)
+    settings = NodeSettings(
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        rank=rank,
+        alpha=alpha,
+        data_path=str(data_path) if data_path else None,
+        data_file=str(data_file) if data_file else None,
+        output_dir=str(node_config["output-dir"]) if node_config.get("output-dir") else None,
+    )
+    return cfg, settings
+
+
+# --- node state: merged global adapters and FFA's frozen A -------------------------------------
+
+
+def stored_merged_rounds(state: RecordDict) -> list[int]:
+    return sorted(
+        int(key.rsplit(".", 1)[1]) for key in state.array_records if key.startswith(protocol.STATE_MERGED)
+    )
+
+
+def _absorb_merged(message: Message, state: RecordDict, expected: int) -> list[int]:
+    """Store the merged adapters this message carries; check the node then has rounds 1..expected."""
+    for r in protocol.carried_rounds(message.content):
+        state[f"{protocol.STATE_MERGED}.{r:04d}"] = message.content[protocol.merged_key(r)]
+        state[f"{protocol.STATE_MERGED_SCALING}.{r:04d}"] = message.content[protocol.merged_scaling_key(r)]
+    have = stored_merged_rounds(state)
+    if have != list(range(1, expected + 1)):
+        raise RuntimeError(
+            f"this node holds the merged updates of rounds {have} but the server expects rounds 1..{expected}; "
+            "its SuperNode state was lost (restart the run with resume=true so the server resends them)"
+        )
+    return have
+
+
+def _merged_adapter(state: RecordDict, r: int, shapes: dict[str, tuple[int, int]]) -> Any:
+    return record_to_adapter(
+        state[f"{protocol.STATE_MERGED}.{r:04d}"],
+        state[f"{protocol.STATE_MERGED_SCALING}.{r:04d}"],
+        expected_shapes=shapes,
+        sender=f"merged update of round {r}",
+    )
+
+
+def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
+    """``tiny-llama[:seed]`` builds florist's tiny test model; anything else goes to load_model."""
+    from florist.models import load_model, resolve_device, tiny_llama
+
+    name = cfg.global_model
+    if name == "tiny-llama" or name.startswith("tiny-llama:"):
+        model, tokenizer = tiny_llama(seed=int(name.partition(":")[2] or 0))
+        return model.to(resolve_device(cfg.device)), tokenizer
+    return load_model(name, device=cfg.device)
+
+
+def subset_records(records: list[dict], k: int, n: int, seed: int) -> list[dict]:
+    """Client k's seeded subset, the rule of ``florist.data.load_client_datasets`` (a test keeps them equal)."""
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng([seed, k]).choice(len(records), size=int(n), replace=False))
+    return [records[i] for i in keep]
+
+
+def _examples(cfg: RunConfig, node: NodeSettings, tokenizer: Any) -> list[dict]:
+    from florist import data
+
+    if node.data_file:
+        records, _fmt = data.load_dataset_file(node.data_file)
+        if cfg.max_samples_per_client is not None and len(records) > cfg.max_samples_per_client:
+            records = subset_records(records, node.partition_id, cfg.max_samples_per_client, cfg.seed)
+    else:
+        if node.data_path is None or node.num_partitions is None:
+            raise ConfigError("node config needs data-path and num-partitions (paper layout) or data-file")
+        records = data.load_client_datasets(
+            node.data_path,
+            node.num_partitions,
+            max_samples_per_client=cfg.max_samples_per_client,
+            seed=cfg.seed,
+        )[node.partition_id]
+    prompter = data.Prompter(cfg.prompt_template_name)
+    return [
+        data.tokenize_example(
+            r, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, prompter=prompter
+        )
+        for r in records
+    ]
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+@app.query(protocol.INFO_ACTION)
+def info(message: Message, context: Context) -> Message:
+    """Who this node is: partition, rank and the merged rounds it already holds."""
+    _cfg, node = node_settings(context)
+    reply = ConfigRecord(
+        {
+            "partition-id": node.partition_id,
+            "client-id": node.client_id,
+            "rank": node.rank,
+            "alpha": float(node.alpha),
+            "merged-rounds": len(stored_merged_rounds(context.state)),
+        }
+    )
+    return Message(RecordDict({protocol.INFO: reply}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local training, starting where the server's message says."""
+    import torch
+
+    from florist.federation import _pad_adapter, truncate_adapter
+    from florist.lora import LoraHost
+    from florist.models import resolve_device
+    from florist.training import LocalTrainer, TrainConfig, client_generator, ffa_frozen_A
+
+    cfg, node = node_settings(context)
+    config = message.content[protocol.CONFIG]
+    rnd, k = int(config["round"]), node.partition_id
+
+    model, tokenizer = _load_model(cfg)
+    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    shapes = host.module_shapes
+    context.state[protocol.STATE_SHAPES] = ConfigRecord(
+        {n: [int(s) for s in shape] for n, shape in shapes.items()}
+    )
+    # Rebuild this node's base exactly as the server's: every merged update, in round order.
+    for r in _absorb_merged(message, context.state, int(config["merged-rounds"])):
+        host.merge_into_base(_merged_adapter(context.state, r, shapes))
+
+    frozen_A = None
+    if cfg.method == "ffa":
+        # Derived once from the shared seed, then kept in the node's state for the whole run.
+        if protocol.STATE_FFA not in context.state.array_records:
+            A = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"]))
+            context.state[protocol.STATE_FFA] = ArrayRecord({n: Array(A[n].numpy()) for n in sorted(A)})
+        stored = context.state[protocol.STATE_FFA]
+        frozen_A = {n: torch.from_numpy(arr.numpy().copy()) for n, arr in stored.items()}
+        if min(a.shape[0] for a in frozen_A.values()) < node.rank:
+            raise ConfigError(
+                f"{node.client_id}: lora-rank {node.rank} exceeds the run's FFA rank {config['ffa-rank']}"
+            )
+
+    init = None
+    if protocol.INIT in message.content.array_records:
+        init = record_to_adapter(
+            message.content[protocol.INIT],
+            message.content[protocol.INIT_SCALING],
+            factors=tuple(config["init-factors"]),
+            frozen_A=frozen_A,
+            expected_shapes=shapes,
+            sender="the server's broadcast",
+        )
+        # As in florist.federation: grow a too-small adapter with this round's fresh init, then cut.
+        if min(f.rank for f in init.values()) < node.rank:
+            host.install(node.rank, node.alpha, generator=client_generator(cfg.seed, rnd, k))
+            fresh = host.extract()
+            host.remove()
+            init = _pad_adapter(init, fresh)
+        init = truncate_adapter(init, node.rank)
+
+    device = resolve_device(cfg.device)
+    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
+    result = trainer.train(
+        client_id=node.client_id,
+        client_index=k,
+        round_index=rnd,
+        examples=_examples(cfg, node, tokenizer),
+        rank=node.rank,
+        alpha=node.alpha,
+        init=init,
+        seed=cfg.seed,
+        frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
+    )
+    arrays, scalings = adapter_to_record(
+        result.update.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
+    )
+    losses = [float(x) for x in result.losses]
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.update.num_examples),
+            "partition-id": k,
+            "rank": node.rank,
+            "steps": int(result.steps),
+            "tokens": int(result.tokens),
+            "seconds": float(result.seconds),
+            "loss-first": losses[0] if losses else 0.0,
+            "loss-last": losses[-1] if losses else 0.0,
+        }
+    )
+    stats = ConfigRecord(
+        {
+            "client-id": node.client_id,
+            "losses": losses,
+            "merged-rounds": len(stored_merged_rounds(context.state)),
+        }
+    )
+    content = RecordDict(
+        {
+            protocol.UPDATE: arrays,
+            protocol.UPDATE_SCALING: scalings,
+            protocol.METRICS: metrics,
+            protocol.STATS: stats,
+            protocol.SHAPES: context.state[protocol.STATE_SHAPES],
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+@app.train(protocol.FINALIZE_ACTION)
+def finalize(message: Message, context: Context) -> Message:
+    """The last broadcast: keep it (merge methods) and optionally write this node's final adapter."""
+    cfg, node = node_settings(context)
+    config = message.content[protocol.CONFIG]
+    have = _absorb_merged(message, context.state, int(config["merged-rounds"]))
+    if node.output_dir:
+        from florist.adapters import write_peft_adapter
+        from florist.federation import stack_adapters
+        from florist.training import ffa_frozen_A
+
+        shapes = {n: (int(v[0]), int(v[1])) for n, v in context.state[protocol.STATE_SHAPES].items()}
+        if have:
+            final = stack_adapters([_merged_adapter(context.state, r, shapes) for r in have])
+        else:
+            factors = tuple(config["init-factors"])
+            frozen = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"])) if factors == ("B",) else None
+            final = record_to_adapter(
+                message.content[protocol.INIT],
+                message.content[protocol.INIT_SCALING],
+                factors=factors,
+                frozen_A=frozen,
+                expected_shapes=shapes,
+                sender="the server's final broadcast",
+            )
+        write_peft_adapter(
+            Path(node.output_dir),
+            final,
+            base_model_name_or_path=cfg.global_model,
+            target_modules=list(cfg.lora_target_modules),
+        )
+    reply = ConfigRecord({"client-id": node.client_id, "merged-rounds": len(have)})
+    return Message(RecordDict({protocol.STATS: reply}), reply_to=message)

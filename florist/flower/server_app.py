@@ -1,0 +1,183 @@
+"""The Flower ServerApp: ``florist run``'s rounds across machines, with the same outputs.
+
+``flwr run`` starts it on the SuperLink machine with the run config of the app project
+(``florist flower app``). It
+
+1. waits (bounded by ``node-wait-timeout``) for ``num-clients`` SuperNodes, then asks each who it
+   is (``query.info``: partition, rank);
+2. runs ``num-communication-rounds`` rounds with ``FloristStrategy`` through FedAvg's ``start()``
+   loop (each round bounded by ``round-timeout``; a round with fewer than ``min-clients`` usable
+   updates stops the run with a clear error, after the previous round's checkpoint);
+3. sends the last broadcast (``train.finalize``), so every node ends with the global model;
+4. writes ``<output-dir>/adapter/`` (PEFT), ``metrics.json`` and ``checkpoint/`` exactly as
+   ``florist run`` does, plus per-round ``wire`` bytes and a ``flower`` section (nodes, failures).
+
+With ``evaluate=true`` the server also loads the model and evaluates the global model before and
+after (held-out loss, MMLU), with florist's ``Evaluator``, when it finds the evaluation data.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from florist.config import ConfigError, RunConfig
+from florist.flower import protocol
+from florist.flower.app_config import FlowerOptions, run_config_from_flower
+from florist.flower.strategy import FloristStrategy, FlowerRunError
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, cfg: RunConfig, timeout: float) -> list[int]:
+    """Node ids once ``num_clients`` are connected, or at least ``min_clients`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= cfg.num_clients:
+            return nodes
+        if time.monotonic() > deadline:
+            if len(nodes) >= cfg.min_clients:
+                log(
+                    INFO,
+                    "florist: %d of %d nodes connected after %.0fs; going on",
+                    len(nodes),
+                    cfg.num_clients,
+                    timeout,
+                )
+                return nodes
+            raise FlowerRunError(
+                f"only {len(nodes)} SuperNodes connected within {timeout:.0f}s; the run needs "
+                f"num-clients={cfg.num_clients} (at least min-clients={cfg.min_clients})"
+            )
+        time.sleep(1.0)
+
+
+def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
+    """(host, evaluate) for centralised evaluation, or None when it is off."""
+    if not cfg.evaluate:
+        return None
+    from florist import data
+    from florist.federation import Evaluator
+    from florist.flower.client_app import _load_model
+    from florist.lora import LoraHost
+
+    model, tokenizer = _load_model(cfg)
+    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    for adapter in merged:
+        host.merge_into_base(adapter)
+    evaluate = Evaluator(cfg, host, tokenizer, data.Prompter(cfg.prompt_template_name))
+    for note in evaluate.notes:
+        log(INFO, "florist: %s", note)
+    return host, evaluate
+
+
+def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[str, Any] | None) -> None:
+    """``<out>/adapter/`` (and ``adapter/clients/<id>/`` for FlexLoRA), the layout of ``florist run``."""
+    from florist.adapters import write_peft_adapter
+    from florist.io import atomic_directory
+
+    target = list(cfg.lora_target_modules)
+    with atomic_directory(out / "adapter") as tmp:
+        write_peft_adapter(tmp, final, base_model_name_or_path=cfg.global_model, target_modules=target)
+        for cid, adapter in (per_client or {}).items():
+            write_peft_adapter(
+                tmp / "clients" / cid,
+                adapter,
+                base_model_name_or_path=cfg.global_model,
+                target_modules=target,
+            )
+
+
+def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
+    """The whole server side of a Flower run; returns the metrics it also writes."""
+    from florist.checkpoint import load_checkpoint
+    from florist.federation import _communication_total, _eff_total
+    from florist.io import atomic_write_json
+
+    cfg.validate()
+    if cfg.save_merged:
+        raise ConfigError(
+            "save-merged is not supported by the Flower app; merge adapter/ into the base with peft"
+        )
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    resumed = load_checkpoint(out) if cfg.resume else None
+    strategy = FloristStrategy(cfg, output_dir=out, resumed=resumed)
+    if resumed is not None:
+        log(INFO, "florist: resuming %s after round %d", out, resumed.completed_round)
+
+    nodes = wait_for_nodes(grid, cfg, options.node_wait_timeout)
+    query = [
+        Message(
+            RecordDict({protocol.CONFIG: ConfigRecord({})}),
+            dst_node_id=n,
+            message_type=f"{MessageType.QUERY}.{protocol.INFO_ACTION}",
+        )
+        for n in nodes
+    ]
+    strategy.register_nodes(grid.send_and_receive(query, timeout=options.round_timeout))
+    if len(strategy.nodes) < cfg.min_clients:
+        raise FlowerRunError(
+            f"only {len(strategy.nodes)} nodes answered the info query (min-clients={cfg.min_clients})"
+        )
+
+    evaluation = _evaluator(cfg, strategy.server.merged)
+    if resumed is None:
+        strategy.metrics["eval_before"] = evaluation[1](None) if evaluation else {}
+
+    remaining = cfg.num_communication_rounds - strategy.round_offset
+    if remaining > 0:
+        strategy.start(
+            grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=options.round_timeout
+        )
+
+    # The last broadcast: nodes get the final global model, and its bytes are accounted for.
+    final_replies = grid.send_and_receive(strategy.final_messages(grid), timeout=options.round_timeout)
+    strategy.absorb_final_replies(final_replies)
+
+    metrics = strategy.metrics
+    final = strategy.final_adapter()
+    if evaluation is not None:
+        host, evaluate = evaluation
+        for adapter in strategy.server.merged[len(resumed.merged) if resumed else 0 :]:
+            host.merge_into_base(adapter)  # evaluation model: base + every merged round
+        metrics["eval_after"] = evaluate(None if strategy.server.merged else final)
+    else:
+        metrics["eval_after"] = {}
+    metrics["communication_total"] = _communication_total(metrics["rounds"])
+    metrics["eff_per_round"] = [r["eff"] for r in metrics["rounds"]]
+    metrics["eff_total"] = _eff_total(metrics["eff_per_round"])
+    metrics["global_adapter"] = {
+        "ranks": {n: f.rank for n, f in final.items()},
+        "total_rank": sum(f.rank for f in final.values()),
+    }
+    metrics["wire_total"] = {
+        key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
+        for key in ("params_up", "bytes_up", "params_down", "bytes_down")
+    }
+    metrics["flower"] = {
+        "nodes": {
+            n.client_id: {"node_id": n.node_id, "partition_id": n.partition_id, "rank": n.rank}
+            for n in strategy.sorted_nodes()
+        },
+        "failures": strategy.failures,
+        "round_timeout": options.round_timeout,
+    }
+    metrics["seconds"] = time.perf_counter() - started
+    write_adapter_dir(cfg, out, final, strategy.server.per_client)
+    atomic_write_json(out / "metrics.json", metrics)
+    log(INFO, "florist: wrote %s (adapter/, metrics.json)", out)
+    return metrics
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, options = run_config_from_flower(context.run_config)
+    run_flower_server(grid, cfg, options)

@@ -1,0 +1,411 @@
+"""One Flower strategy for every florist method: FedAvg's round loop, florist's aggregation.
+
+``FloristStrategy(cfg)`` subclasses Flower's message-based ``FedAvg`` and keeps its ``start()``
+loop (sampling, ``send_and_receive`` with a round timeout, logging), overriding the two steps that
+differ for federated LoRA:
+
+* ``configure_train`` builds one message per node, because what a node needs depends on it:
+  FlexLoRA and zero-padding send each client its own truncation, continue methods send the
+  adapter the client continues from, and merge methods (FLoRA, FLoRIST) send the global updates
+  the node has not merged yet (normally just last round's; after a lost or new SuperNode state,
+  all of them, so its base is rebuilt exactly).
+* ``aggregate_train`` decodes and validates each reply (untrusted), keys it by the node it came
+  from (``message.metadata.src_node_id``), orders clients by partition like ``florist run``, calls
+  ``florist.aggregation.get_aggregator(cfg.method)``, accounts the communication with
+  ``florist.comm.round_communication``, and writes the per-round checkpoint.
+
+The round semantics are those of ``florist.federation`` (whose ``ServerState`` this reuses), so
+with the same seeds, data and ranks a Flower run produces the same global adapter as the
+in-process one. Besides florist's accounting, every round also records the bytes that really went
+through Flower's messages (``wire``): the array payloads of the replies (up) and of the messages
+that delivered the round's broadcast (down, sent with the next round or the final broadcast).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
+from florist.config import RunConfig
+from florist.errors import FloristError
+from florist.flower import protocol
+from florist.flower.payload import PayloadError, adapter_to_record, record_nbytes, record_to_adapter
+
+
+class FlowerRunError(FloristError):
+    """A Flower run that cannot continue (too few clients, inconsistent nodes)."""
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    client_id: str
+    rank: int
+    merged_rounds: int = 0  # merged global updates this node holds
+
+
+def _counter() -> dict[str, int]:
+    return {"params_up": 0, "bytes_up": 0, "params_down": 0, "bytes_down": 0}
+
+
+class FloristStrategy(FedAvg):
+    """FedAvg's loop with florist's per-node payloads and LoRA aggregation (any method)."""
+
+    def __init__(self, cfg: RunConfig, *, output_dir: str | Path | None = None, resumed: Any = None) -> None:
+        from florist.federation import ServerState
+
+        super().__init__(
+            fraction_train=cfg.client_selection_frac,
+            fraction_evaluate=0.0,  # evaluation is centralised (florist's Evaluator), not federated
+            min_train_nodes=cfg.min_clients,
+            min_available_nodes=cfg.min_clients,
+            weighted_by_key="num-examples",
+        )
+        self.cfg = cfg
+        self.output_dir = Path(output_dir or cfg.output_dir)
+        options = {"threshold": cfg.threshold} if cfg.method == "florist" else {}
+        self.aggregator = get_aggregator(cfg.method, dtype=getattr(torch, cfg.aggregation_dtype), **options)
+        self.wire_dtype = getattr(torch, cfg.wire_dtype)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.module_shapes: dict[str, tuple[int, int]] | None = None
+        self.frozen_A: dict[str, torch.Tensor] | None = None
+        self.server = ServerState()
+        self.last_result: GlobalResult | None = None
+        self.round_offset = 0
+        self.failures: list[dict[str, Any]] = []
+        self.metrics: dict[str, Any] = {
+            "config": cfg.to_dict(),
+            "method": cfg.method,
+            "threshold": cfg.threshold if cfg.method == "florist" else None,
+            "model": cfg.global_model,
+            "rounds": [],
+        }
+        self._sent: dict[int, dict[str, Any]] = {}  # node id -> what this round sent it
+        if resumed is not None:
+            # A resumed run: nodes start with empty state, so the merged updates are resent.
+            self.server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client)
+            self.metrics = resumed.metrics
+            self.metrics["config"] = cfg.to_dict()
+            self.round_offset = resumed.completed_round
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def ffa_rank(self) -> int:
+        """FFA's frozen A has the largest client rank; client k uses its first r_k rows."""
+        ranks = [n.rank for n in self.nodes.values()] or [self.cfg.lora_r]
+        return max([*ranks, *(self.cfg.client_rank(k) for k in range(self.cfg.num_clients))])
+
+    def register_nodes(self, replies: Iterable[Message]) -> None:
+        """Record who each node is from its ``query.info`` reply; refuse inconsistent setups."""
+        by_partition: dict[int, int] = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                self._failure(0, node_id, f"info query failed: {reply.error.reason}")
+                continue
+            info = reply.content[protocol.INFO]
+            k = int(info["partition-id"])
+            if not 0 <= k < self.cfg.num_clients:
+                raise FlowerRunError(
+                    f"node {node_id} has partition-id {k}, outside 0..{self.cfg.num_clients - 1} (num-clients={self.cfg.num_clients})"
+                )
+            if k in by_partition:
+                raise FlowerRunError(f"nodes {by_partition[k]} and {node_id} both have partition-id {k}")
+            by_partition[k] = node_id
+            if not self.cfg.heter and int(info["rank"]) != self.cfg.lora_r:
+                raise FlowerRunError(
+                    f"node {node_id} reports rank {info['rank']} in a homogeneous run (lora-r {self.cfg.lora_r})"
+                )
+            self.nodes[node_id] = NodeInfo(
+                node_id, k, str(info["client-id"]), int(info["rank"]), int(info["merged-rounds"])
+            )
+        log(
+            INFO, "florist: %d nodes: %s", len(self.nodes), {n.client_id: n.rank for n in self.sorted_nodes()}
+        )
+
+    def sorted_nodes(self) -> list[NodeInfo]:
+        return sorted(self.nodes.values(), key=lambda n: n.partition_id)
+
+    def _failure(self, round_number: int, node_id: int, reason: str) -> None:
+        client = self.nodes[node_id].client_id if node_id in self.nodes else None
+        log(WARNING, "florist: round %d: node %s (%s): %s", round_number, node_id, client, reason)
+        self.failures.append(
+            {"round": round_number, "node_id": int(node_id), "client": client, "reason": reason}
+        )
+
+    # --- payloads ----------------------------------------------------------------------------
+
+    def _broadcast_records(self, node: NodeInfo, round_number: int, config: ConfigRecord) -> dict[str, Any]:
+        """What ``node`` must receive before training round ``round_number`` (or finishing)."""
+        records: dict[str, Any] = {}
+        carried: list[tuple[int, ArrayRecord]] = []
+        if self.server.merged:
+            for r in range(node.merged_rounds + 1, len(self.server.merged) + 1):
+                arrays, scalings = adapter_to_record(
+                    self.server.merged[r - 1], wire_dtype=self.cfg.wire_dtype
+                )
+                records[protocol.merged_key(r)] = arrays
+                records[protocol.merged_scaling_key(r)] = scalings
+                carried.append((r, arrays))
+        else:
+            init = self.server.continuation(node.client_id)
+            if init is not None:
+                factors = self.last_result.downloaded_factors if self.last_result else ("A", "B")
+                arrays, scalings = adapter_to_record(init, factors=factors, wire_dtype=self.cfg.wire_dtype)
+                records[protocol.INIT] = arrays
+                records[protocol.INIT_SCALING] = scalings
+                config["init-factors"] = list(factors)
+                carried.append((round_number - 1, arrays))
+        config["merged-rounds"] = len(self.server.merged)
+        config["ffa-rank"] = self.ffa_rank()
+        config.setdefault("init-factors", ["A", "B"])
+        # Bytes on the wire belong to the round whose broadcast they deliver.
+        for origin, arrays in carried:
+            self._count_wire(origin, node.client_id, "down", arrays)
+        return records
+
+    def _count_wire(self, round_number: int, client: str, direction: str, arrays: ArrayRecord) -> None:
+        index = round_number - 1
+        if not 0 <= index < len(self.metrics["rounds"]):
+            return
+        wire = self.metrics["rounds"][index].setdefault("wire", {"clients": {}, "total": _counter()})
+        params, nbytes = record_nbytes([arrays])
+        for counter in (wire["clients"].setdefault(client, _counter()), wire["total"]):
+            counter[f"params_{direction}"] += params
+            counter[f"bytes_{direction}"] += nbytes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per selected node, each with exactly what that node needs."""
+        from florist.federation import sample_clients
+
+        rnd = server_round + self.round_offset
+        connected = set(grid.get_node_ids())
+        selected = set(sample_clients(self.cfg, rnd))
+        nodes = [n for n in self.sorted_nodes() if n.partition_id in selected and n.node_id in connected]
+        upload = list(self.aggregator.uploaded_factors)
+        messages = []
+        self._sent = {}
+        for node in nodes:
+            node_config = ConfigRecord({"round": rnd, "upload-factors": upload})
+            records = self._broadcast_records(node, rnd, node_config)
+            content = RecordDict({protocol.CONFIG: node_config, **records})
+            messages.append(
+                Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(rnd))
+            )
+            self._sent[node.node_id] = {"round": rnd}
+        log(INFO, "florist: round %d: training %s", rnd, [n.client_id for n in nodes])
+        self._round_started = time.perf_counter()
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def final_messages(self, grid: Grid) -> list[Message]:
+        """``train.finalize`` for every connected node: the last broadcast, which nobody trains on."""
+        connected = set(grid.get_node_ids())
+        # Nodes that failed the last round are probably gone; do not wait for them again.
+        last = len(self.metrics["rounds"])
+        failed = {f["node_id"] for f in self.failures if f["round"] == last}
+        messages = []
+        for node in self.sorted_nodes():
+            if node.node_id not in connected or node.node_id in failed:
+                continue
+            config = ConfigRecord({"round": len(self.metrics["rounds"]) + 1})
+            records = self._broadcast_records(node, len(self.metrics["rounds"]) + 1, config)
+            content = RecordDict({protocol.CONFIG: config, **records})
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node.node_id,
+                    message_type=f"{MessageType.TRAIN}.{protocol.FINALIZE_ACTION}",
+                )
+            )
+        return messages
+
+    def absorb_final_replies(self, replies: Iterable[Message]) -> None:
+        for reply in replies:
+            if reply.has_error():
+                self._failure(
+                    len(self.metrics["rounds"]) + 1,
+                    reply.metadata.src_node_id,
+                    f"final broadcast: {reply.error.reason}",
+                )
+
+    # --- aggregation -------------------------------------------------------------------------
+
+    def _decode_reply(self, reply: Message, rnd: int) -> ClientUpdate:
+        node_id = reply.metadata.src_node_id
+        node = self.nodes.get(node_id)
+        if node is None or node_id not in self._sent:
+            raise PayloadError(f"reply from node {node_id}, which was not asked to train in round {rnd}")
+        content = reply.content
+        metrics, stats = content[protocol.METRICS], content[protocol.STATS]
+        sender = f"round {rnd}, node {node_id} ({node.client_id})"
+        if int(metrics["partition-id"]) != node.partition_id or str(stats["client-id"]) != node.client_id:
+            raise PayloadError(
+                f"{sender}: reports partition {metrics['partition-id']}, registered as {node.partition_id}"
+            )
+        n = metrics["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise PayloadError(f"{sender}: num-examples must be a positive integer, got {n!r}")
+        shapes = {name: (int(v[0]), int(v[1])) for name, v in content[protocol.SHAPES].items()}
+        if self.module_shapes is None:
+            self.module_shapes = shapes
+        elif shapes != self.module_shapes:
+            raise PayloadError(f"{sender}: its model's module shapes differ from the other nodes'")
+        factors = tuple(self.aggregator.uploaded_factors)
+        if factors == ("B",) and self.frozen_A is None:
+            from florist.training import ffa_frozen_A
+
+            self.frozen_A = ffa_frozen_A(self.cfg.seed, self.module_shapes, self.ffa_rank())
+        modules = record_to_adapter(
+            content[protocol.UPDATE],
+            content[protocol.UPDATE_SCALING],
+            factors=factors,
+            frozen_A=self.frozen_A,
+            expected_shapes=self.module_shapes,
+            sender=sender,
+        )
+        node.merged_rounds = int(stats["merged-rounds"])
+        return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules=modules)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from florist.checkpoint import CheckpointState, save_checkpoint
+        from florist.comm import paper_eff, round_communication
+
+        rnd = server_round + self.round_offset
+        updates: dict[int, ClientUpdate] = {}
+        stats: dict[str, dict[str, Any]] = {}
+        uploads: dict[str, ArrayRecord] = {}
+        replies = list(replies)
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                self._failure(rnd, node_id, f"training failed: {reply.error.reason}")
+                continue
+            try:
+                update = self._decode_reply(reply, rnd)
+            except (PayloadError, KeyError, TypeError, ValueError) as e:
+                self._failure(rnd, node_id, f"rejected update: {e}")
+                continue
+            node = self.nodes[node_id]
+            updates[node.partition_id] = update
+            m, s = reply.content[protocol.METRICS], reply.content[protocol.STATS]
+            stats[node.client_id] = {
+                "rank": int(m["rank"]),
+                "num_examples": int(m["num-examples"]),
+                "losses": [float(x) for x in s["losses"]],
+                "steps": int(m["steps"]),
+                "tokens": int(m["tokens"]),
+                "seconds": float(m["seconds"]),
+                "node_id": int(node_id),
+            }
+            uploads[node.client_id] = reply.content[protocol.UPDATE]
+        missing = sorted(
+            self.nodes[n].client_id for n in self._sent if self.nodes[n].partition_id not in updates
+        )
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node_id in self._sent:
+            if node_id not in answered:
+                self._failure(rnd, node_id, "no reply within the round timeout (node down or too slow)")
+        if missing:
+            log(WARNING, "florist: round %d: no usable update from %s", rnd, missing)
+        if len(updates) < self.cfg.min_clients:
+            reasons = "; ".join(
+                f"{f['client'] or f['node_id']}: {f['reason']}" for f in self.failures if f["round"] == rnd
+            )
+            raise FlowerRunError(
+                f"round {rnd}: only {len(updates)} of {len(self._sent)} clients returned a usable update "
+                f"(min-clients={self.cfg.min_clients}; missing {missing}{'; ' + reasons if reasons else ''}). "
+                f"The checkpoint of round {rnd - 1} in {self.output_dir} is intact: fix the nodes and rerun with resume=true."
+            )
+        ordered = [updates[k] for k in sorted(updates)]  # by partition, as florist run orders clients
+        t0 = time.perf_counter()
+        result = self.aggregator.aggregate(ordered)
+        aggregation_seconds = time.perf_counter() - t0
+        communication = round_communication(result, ordered, wire_dtype=self.wire_dtype)
+        self.server.broadcast(result)
+        self.last_result = result
+        eff = float(paper_eff(result))
+        entry = {
+            "round": rnd,
+            "clients": [u.client_id for u in ordered],
+            "client_stats": {u.client_id: stats[u.client_id] for u in ordered},
+            "ranks": {n: int(r) for n, r in result.ranks.items()},
+            "singular_values": {
+                n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
+            },
+            "communication": communication,
+            "eff": eff,
+            "aggregation_seconds": aggregation_seconds,
+            "seconds": time.perf_counter() - self._round_started,
+            "wire": {"clients": {}, "total": _counter()},
+        }
+        self.metrics["rounds"].append(entry)
+        for client, arrays in uploads.items():
+            if client in entry["client_stats"]:
+                self._count_wire(rnd, client, "up", arrays)
+        save_checkpoint(
+            self.output_dir,
+            CheckpointState(
+                rnd,
+                self.metrics,
+                self.cfg.to_dict(),
+                self.server.merged,
+                self.server.global_adapter,
+                self.server.per_client,
+            ),
+        )
+        losses = [s["losses"] for s in entry["client_stats"].values() if s["losses"]]
+        summary = MetricRecord(
+            {
+                "loss-first": sum(x[0] for x in losses) / max(len(losses), 1),
+                "loss-last": sum(x[-1] for x in losses) / max(len(losses), 1),
+                "global-rank": int(sum(result.ranks.values())),
+                "eff": eff,
+                "clients": len(ordered),
+            }
+        )
+        log(
+            INFO,
+            "florist: round %d aggregated %d clients, global rank %d",
+            rnd,
+            len(ordered),
+            summary["global-rank"],
+        )
+        return None, summary
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> florist method: %s%s",
+            self.cfg.method,
+            f" (tau {self.cfg.threshold})" if self.cfg.method == "florist" else "",
+        )
+        log(
+            INFO,
+            "\t└──> min clients per round: %d, selection fraction %.2f",
+            self.cfg.min_clients,
+            self.cfg.client_selection_frac,
+        )
+
+    def final_adapter(self) -> Adapter:
+        return self.server.final_adapter()
