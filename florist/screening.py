@@ -45,7 +45,7 @@ def check_update(
     ``expected_shapes`` maps every adapted module of the base model to its (out_features,
     in_features); the upload must cover exactly these modules with these shapes. ``max_rank``
     bounds every module's rank (default: min(out, in) of the module, the largest meaningful
-    rank); ``expected_rank`` is the rank the server assigned to this client.
+    rank, unless ``expected_rank`` is given); ``expected_rank`` is the rank the server assigned to this client.
     """
     if not isinstance(update, ClientUpdate):
         raise TypeError(f"expected a ClientUpdate, got {type(update).__name__}")
@@ -72,8 +72,16 @@ def check_update(
             raise ValueError(
                 f"{where}, module {name!r}: rank {f.rank}, but the client was assigned rank {expected_rank}"
             )
-        limit = min(f.out_features, f.in_features) if max_rank is None else max_rank
-        if f.rank > limit:
+        # An assigned rank is the server's own choice (the paper gives rank 64 to 32-wide modules);
+        # without one, a rank above min(out, in) adds nothing and is refused.
+        limit = (
+            max_rank
+            if max_rank is not None
+            else None
+            if expected_rank
+            else min(f.out_features, f.in_features)
+        )
+        if limit is not None and f.rank > limit:
             raise ValueError(f"{where}, module {name!r}: rank {f.rank} exceeds the limit {limit}")
 
 

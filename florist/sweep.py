@@ -342,13 +342,13 @@ def _sweep_one_round(
         for r in records
     ]
     # The same held-out records, MMLU questions and scoring as `florist run`'s eval_after.
-    evaluate = Evaluator(cfg, host, tokenizer, prompter)
+    evaluate = Evaluator(cfg, prompter)
     for note in evaluate.notes:
         tqdm.write(f"florist sweep: {note}")
     enabled = bool(evaluate.heldout or evaluate.mmlu)
     dtype = getattr(torch, cfg.aggregation_dtype)
     wire = getattr(torch, cfg.wire_dtype)
-    base_eval = evaluate(None) if enabled else None
+    base_eval = evaluate(host, tokenizer, None) if enabled else None
 
     settings = []
     for name, scfg in _setting_configs(cfg, heter):
@@ -383,7 +383,7 @@ def _sweep_one_round(
                 if method == "florist" and key in seen:
                     evaluation = seen[key]
                 else:
-                    evaluation = seen[key] = evaluate(adapter) if enabled else None
+                    evaluation = seen[key] = evaluate(host, tokenizer, adapter) if enabled else None
                 rows.append(
                     make_row(
                         method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds

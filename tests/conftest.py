@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,38 @@ def dolly_dir() -> Path:
 @pytest.fixture
 def mmlu_subset() -> Path:
     return require_shared("mmlu/mmlu_test_1444.jsonl")
+
+
+def write_federated_data(root: Path, num_clients: int, *, per_client: int = 6, test_records: int = 4) -> Path:
+    """A tiny Dolly-format data set in the paper's layout: root/K/local_training_{k}.json + global_test.json.
+
+    Short, client-specific texts (so byte-level tokenisation stays small and clients differ).
+    Returns ``root`` (the ``data_path``).
+    """
+    import json
+
+    directory = root / str(num_clients)
+    directory.mkdir(parents=True, exist_ok=True)
+    topics = ["colours", "numbers", "animals", "cities", "fruits", "planets", "tools", "music"]
+
+    def record(k: int, i: int) -> dict:
+        topic = topics[k % len(topics)]
+        return {
+            "instruction": f"Name thing {i} about {topic}.",
+            "context": "" if i % 2 else f"Client {k} talks about {topic}.",
+            "response": f"Item {i} of {topic} is {topic[: 1 + i % 5]}{i * (k + 1)}.",
+            "category": "open_qa" if k % 2 else "brainstorming",
+        }
+
+    for k in range(num_clients):
+        # Unequal sizes, so FedAvg weights p_k differ between clients.
+        records = [record(k, i) for i in range(per_client + k)]
+        (directory / f"local_training_{k}.json").write_text(json.dumps(records))
+    (directory / "global_test.json").write_text(json.dumps([record(k, 100 + k) for k in range(test_records)]))
+    return root
+
+
+@pytest.fixture
+def federated_data(tmp_path: Path) -> Callable[..., Path]:
+    """``federated_data(num_clients, **kw)`` writes a tiny paper-layout data set under tmp_path."""
+    return lambda num_clients, **kw: write_federated_data(tmp_path / "data", num_clients, **kw)

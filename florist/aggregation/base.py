@@ -140,12 +140,12 @@ def check_range(updates: Sequence[ClientUpdate], dtype: torch.dtype) -> None:
             if float(f.B.abs().max()) * abs(f.scaling) > limit:
                 raise ValueError(
                     f"client {u.client_id!r}, module {name!r}: scaled B reaches "
-                    f"{float(f.B.abs().max()) * abs(f.scaling):.3g}, beyond what {dtype} can aggregate"
+                    f"{float(f.B.abs().max()) * abs(f.scaling):.3g}, beyond what {dtype} can aggregate; aggregate in float64 (--dtype float64)"
                 )
         if not bound < limit:
             raise ValueError(
                 f"module {name!r}: the clients' updates reach about {bound:.3g}, beyond what {dtype} "
-                "can aggregate; use float64"
+                "can aggregate; aggregate in float64 (--dtype float64)"
             )
 
 
@@ -159,12 +159,18 @@ def _guarded(aggregate: Callable[[Aggregator, Sequence[ClientUpdate]], GlobalRes
         try:
             result = aggregate(self, updates)
         except torch.linalg.LinAlgError as e:
-            raise ValueError(f"{self.name}: the decomposition failed ({e}); check the clients' uploads") from None
-        adapters = [result.adapter] if result.adapter is not None else list((result.per_client or {}).values())
+            raise ValueError(
+                f"{self.name}: the decomposition failed ({e}); check the clients' uploads"
+            ) from None
+        adapters = (
+            [result.adapter] if result.adapter is not None else list((result.per_client or {}).values())
+        )
         for adapter in adapters:
             for name, f in adapter.items():
                 if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
-                    raise ValueError(f"module {name!r}: {self.name} produced NaN/Inf in {self.dtype}; use float64")
+                    raise ValueError(
+                        f"module {name!r}: {self.name} produced NaN/Inf in {self.dtype}; aggregate in float64 (--dtype float64)"
+                    )
         return result
 
     return wrapper
@@ -184,7 +190,9 @@ def validate_updates(updates: Sequence[ClientUpdate], *, homogeneous: bool = Fal
             raise ValueError(f"client {u.client_id!r} appears twice in one round")
         seen.add(u.client_id)
         if not isinstance(u.num_examples, int) or isinstance(u.num_examples, bool) or u.num_examples <= 0:
-            raise ValueError(f"client {u.client_id!r}: num_examples must be a positive integer, got {u.num_examples!r}")
+            raise ValueError(
+                f"client {u.client_id!r}: num_examples must be a positive integer, got {u.num_examples!r}"
+            )
         if not u.modules:
             raise ValueError(f"client {u.client_id!r}: the update has no modules")
     reference = updates[0]
@@ -202,9 +210,13 @@ def validate_updates(updates: Sequence[ClientUpdate], *, homogeneous: bool = Fal
             f = u.modules[name]
             where = f"client {u.client_id!r}, module {name!r}"
             if f.A.ndim != 2 or f.B.ndim != 2:
-                raise ValueError(f"{where}: A and B must be matrices, got shapes {tuple(f.A.shape)} and {tuple(f.B.shape)}")
+                raise ValueError(
+                    f"{where}: A and B must be matrices, got shapes {tuple(f.A.shape)} and {tuple(f.B.shape)}"
+                )
             if f.A.shape[0] != f.B.shape[1]:
-                raise ValueError(f"{where}: rank mismatch, A is {tuple(f.A.shape)} but B is {tuple(f.B.shape)}")
+                raise ValueError(
+                    f"{where}: rank mismatch, A is {tuple(f.A.shape)} but B is {tuple(f.B.shape)}"
+                )
             if f.A.shape[0] == 0:
                 raise ValueError(f"{where}: rank is 0")
             if not (f.A.is_floating_point() and f.B.is_floating_point()):

@@ -72,10 +72,10 @@ def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
     host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
     for adapter in merged:
         host.merge_into_base(adapter)
-    evaluate = Evaluator(cfg, host, tokenizer, data.Prompter(cfg.prompt_template_name))
-    for note in evaluate.notes:
+    evaluator = Evaluator(cfg, data.Prompter(cfg.prompt_template_name))
+    for note in evaluator.notes:
         log(INFO, "florist: %s", note)
-    return host, evaluate
+    return host, lambda adapter: evaluator(host, tokenizer, adapter)
 
 
 def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[str, Any] | None) -> None:

@@ -1,0 +1,142 @@
+"""``florist run``: federated fine-tuning in one process, configured by flags and/or a YAML file.
+
+Every ``RunConfig`` field is a flag, in both spellings (``--num_clients`` and ``--num-clients``).
+Lists are comma-separated (``--local_ranks 64,32,16``); booleans take True/False (a bare
+``--resume`` means True). With ``--config run.yaml`` the file is read first and flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from florist.config import RunConfig
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _list_of(item: type) -> Any:
+    def parse(text: str) -> list:
+        try:
+            return [item(x.strip()) for x in str(text).split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {item.__name__}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _flag_type(hint: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type`` and extra kwargs for a RunConfig field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]  # Optional[X] -> X
+    if hint is bool:
+        return parse_bool, {"nargs": "?", "const": True}
+    if typing.get_origin(hint) is list:
+        return _list_of(typing.get_args(hint)[0]), {}
+    return hint, {}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; defaults are None so YAML values survive unless overridden."""
+    hints = typing.get_type_hints(RunConfig)
+    group = parser.add_argument_group("run settings (RunConfig)")
+    for f in dataclasses.fields(RunConfig):
+        kind, extra = _flag_type(hints[f.name])
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(
+            *names, dest=f.name, type=kind, default=None, help=f"(default: {default})", **extra
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "config", None):
+        return RunConfig.from_yaml(args.config, **values)
+    return RunConfig.from_dict(values, source="command line")
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="federated fine-tuning in one process (all clients simulated on one model)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of RunConfig settings; flags override it")
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from florist.federation import run_federated
+
+    cfg = config_from_args(args).validate()
+    metrics = run_federated(cfg)
+    print(format_summary(metrics))
+    return 0
+
+
+# --- the end-of-run table, shared by run, demo and main.py -----------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _eval_cells(ev: dict[str, Any]) -> tuple[str, str, str]:
+    held = ev.get("heldout") or {}
+    mmlu = ev.get("mmlu") or {}
+    loss = f"{held['loss']:.4f}" if "loss" in held else "-"
+    acc = f"{held['token_accuracy']:.4f}" if "token_accuracy" in held else "-"
+    mm = f"{100 * mmlu['accuracy_macro']:.2f}%" if "accuracy_macro" in mmlu else "-"
+    return loss, acc, mm
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A short plain-text table of a run's metrics."""
+    cfg = metrics.get("config", {})
+    tau = f" (tau={metrics['threshold']})" if metrics.get("threshold") is not None else ""
+    lines = [
+        f"method: {metrics['method']}{tau}   model: {metrics['model']}   output: {cfg.get('output_dir', '?')}",
+        "",
+        f"{'round':>5} {'clients':>7} {'global rank':>11} {'Eff':>10} {'up/client':>11} {'down/client':>11}",
+    ]
+    for r in metrics["rounds"]:
+        comm = r["communication"]
+        per_client = comm.get("clients", {})
+        n = max(len(per_client), 1)
+        up = sum(c.get("bytes_up", 0) for c in per_client.values()) / n
+        down = sum(c.get("bytes_down", 0) for c in per_client.values()) / n
+        lines.append(
+            f"{r['round']:>5} {len(r['clients']):>7} {sum(r['ranks'].values()):>11} {r['eff']:>10.3e} "
+            f"{_fmt_bytes(up):>11} {_fmt_bytes(down):>11}"
+        )
+    lines.append(f"Eff total: {metrics['eff_total']:.4e}")
+    before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
+    if before or after:
+        lines += ["", f"{'':>10} {'held-out loss':>13} {'token acc':>10} {'MMLU':>8}"]
+        for label, ev in (("base", before), ("federated", after)):
+            loss, acc, mm = _eval_cells(ev)
+            lines.append(f"{label:>10} {loss:>13} {acc:>10} {mm:>8}")
+    return "\n".join(lines)
