@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from florist.aggregation.base import Adapter, LoraFactors
@@ -91,8 +91,6 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], scalings: dict[str, floa
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
@@ -258,7 +259,8 @@ class Evaluator:
 
 
 def _check_resumable(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
-    current = cfg.to_dict()
+    """Refuse to resume when a setting that shapes the rounds differs from the checkpointed run."""
+    current = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples become lists
     for key, value in saved.items():
         if key in RESUMABLE_CHANGES or key not in current:
             continue

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# torch's OpenMP threads spin while waiting; with several processes on 2 cores (Flower nodes,
+# subprocess runs) that costs 10x. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FLORIST_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -22,8 +22,8 @@ def demo_config(
     model: str = DEFAULT_MODEL,
     *,
     rounds: int = 2,
-    steps: int = 2,
-    eval_samples: int | None = 40,
+    steps: int = 4,
+    eval_samples: int | None = 57,
     mmlu: str | None = None,
     device: str = "auto",
 ) -> RunConfig:
@@ -66,14 +66,14 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--rounds", type=int, default=2, help="communication rounds (default: 2)")
     parser.add_argument(
-        "--steps", type=int, default=2, help="optimizer steps of 4 records per client and round (default: 2)"
+        "--steps", type=int, default=4, help="optimizer steps of 4 records per client and round (default: 4)"
     )
     parser.add_argument(
         "--eval_samples",
         "--eval-samples",
         type=int,
-        default=40,
-        help="MMLU questions / held-out records evaluated (default: 40)",
+        default=57,
+        help="MMLU questions / held-out records evaluated (default: 57, one MMLU question per subject)",
     )
     parser.add_argument(
         "--mmlu",

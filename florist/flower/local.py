@@ -132,6 +132,9 @@ class LocalFederation:
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (source_root, self.env.get("PYTHONPATH", "")) if p
         )
+        # flwr's processes start helpers (flower-superexec, ...) by name: find the venv's first.
+        bin_dir = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join(p for p in (bin_dir, self.env.get("PATH", "")) if p)
         self.env["FLWR_HOME"] = str(self.flwr_home)
         self.env.setdefault("FLORIST_PROGRESS", "0")
         self.env.update(env or {})
