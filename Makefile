@@ -28,7 +28,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check florist tests bench main.py
 
 bench: $(STAMP)
-	$(BIN)/python bench/aggregation.py
+	$(BIN)/python bench/aggregation.py --threads 2
+	$(BIN)/python bench/training.py
+	$(BIN)/python bench/evaluation.py
 
 clean:
 	rm -rf $(VENV) runs

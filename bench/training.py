@@ -178,9 +178,9 @@ def memory_child(num_clients: int, workdir: str) -> None:
     write_clients(Path(workdir) / "data", num_clients, per_client=4)
     cfg = RunConfig(
         global_model="smollm2-135m", data_path=str(Path(workdir) / "data"), output_dir=str(Path(workdir) / "out"),
-        num_clients=num_clients, method="florist", threshold=0.9, num_communication_rounds=1,
+        num_clients=num_clients, method=os.environ.get("BENCH_METHOD", "florist"), threshold=0.9, num_communication_rounds=1,
         local_batch_size=2, local_micro_batch_size=2, local_max_steps=1, cutoff_len=256,
-        evaluate=False, device="cpu",
+        evaluate=False, device="cpu", precision=os.environ.get("BENCH_PRECISION", "auto"),
     )  # fmt: skip
     start = time.perf_counter()
     run_federated(cfg)
