@@ -20,10 +20,7 @@ docs/benchmarks.md (between the aggregation markers, so other benchmarks keep th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,9 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 from florist.aggregation import ClientUpdate, LoraFactors, get_aggregator  # noqa: E402
-from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
+from florist.io import atomic_write_json  # noqa: E402
 
 LAYERS, HIDDEN = 32, 4096
 MODULES = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in ("q", "v")]
@@ -177,25 +175,6 @@ def run(dense_modules: int, threads: int, total: int) -> dict:
     return results
 
 
-def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def markdown(report: dict) -> str:
     m, total = report["machine"], report["modules"]
     lines = [
@@ -245,20 +224,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, section: str) -> None:
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\nEach section is written by its script under `bench/`.\n"
-    )
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Aggregation\n\n" + section + "\n"
-    atomic_write_text(path, text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -292,7 +257,7 @@ def main() -> int:
     atomic_write_json(args.json, report)
     section = markdown(report)
     if not args.no_doc:
-        write_doc(args.doc, section)
+        write_section(args.doc, START, END, section, heading="## Aggregation")
     print(section)
     return 0
 

@@ -15,9 +15,6 @@ docs/benchmarks.md (between the evaluation markers, so other benchmarks keep the
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import resource
 import sys
 import time
@@ -28,33 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 from florist.evaluation.mmlu import SCORERS, evaluate_mmlu, load_mmlu, stratified_sample  # noqa: E402
-from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
+from florist.io import atomic_write_json  # noqa: E402
 from florist.models import load_model  # noqa: E402
 
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
 DEFAULT_MMLU = REPO.parent / "shared" / "data" / "mmlu" / "mmlu_test_1444.jsonl"
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def _cpu_seconds() -> float:
@@ -135,16 +113,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,7 +159,7 @@ def main() -> None:
     atomic_write_json(args.json, report)
     print(markdown(report))
     if not args.no_doc:
-        update_doc(args.doc, markdown(report))
+        write_section(args.doc, START, END, markdown(report))
 
 
 if __name__ == "__main__":

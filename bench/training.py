@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,36 +33,17 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FLORIST_SHARED_DATA", REPO.parent / "shared" / "data"))
 START, END = "<!-- training:start -->", "<!-- training:end -->"
 
-import torch  # noqa: E402
+
+from common import BENCHMARKS_MD, machine, write_section  # noqa: E402
 
 from florist import data  # noqa: E402
-from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
+from florist.io import atomic_write_json  # noqa: E402
 from florist.lora import LoraHost  # noqa: E402
 from florist.models import load_model, resolve_device  # noqa: E402
 from florist.training import LocalTrainer, TrainConfig  # noqa: E402
 
 LORA = dict(r=16, alpha=32.0, targets=["q_proj", "v_proj"], dropout=0.05)
 MICRO, BATCH, CUTOFF = 8, 16, 512
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def dolly_examples(tokenizer: Any, n: int) -> list[dict]:
@@ -215,7 +195,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`python bench/training.py` on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads"
         + (f", GPU {m['gpu']}" if m["gpu"] else "")
-        + f"), torch {m['torch']}, load average at start {m['load_average_at_start'][0]:.1f}. "
+        + f"), torch {m['torch']}, load average at start {m['load_average'][0]:.1f}. "
         f"SmolLM2-135M, LoRA r={LORA['r']} alpha={int(LORA['alpha'])} on q_proj/v_proj, "
         f"{results['examples']} Dolly client-0 records, micro-batch {MICRO}, batch {BATCH}, one epoch.",
         "",
@@ -265,19 +245,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(section: str) -> Path:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section.rstrip("\n") + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -292,7 +259,7 @@ def main() -> None:
         memory_child(int(args.memory_child[0]), args.memory_child[1])
         return
     os.environ.setdefault("FLORIST_PROGRESS", "0")
-    results: dict[str, Any] = {"machine": machine_info(), "examples": args.examples}
+    results: dict[str, Any] = {"machine": machine(), "examples": args.examples}
     _, tokenizer = load_model("smollm2-135m", device="cpu")  # converts and caches the GGUF once
     examples = dolly_examples(tokenizer, args.examples)
 
@@ -320,7 +287,8 @@ def main() -> None:
     if args.json:
         atomic_write_json(args.json, results)
     if not args.no_docs:
-        print(f"updated {update_docs(markdown(results))}", file=sys.stderr)
+        write_section(BENCHMARKS_MD, START, END, markdown(results))
+        print(f"updated {BENCHMARKS_MD}", file=sys.stderr)
 
 
 if __name__ == "__main__":
