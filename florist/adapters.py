@@ -309,6 +309,15 @@ def read_client_info(directory: str | os.PathLike[str], *, client_id: str | None
 # --- writing -------------------------------------------------------------------------------
 
 
+def _sort_config_sets(path: Path) -> None:
+    """peft keeps target_modules as a set and saves it in hash order; sort it so runs are byte-stable."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for field in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(field), list):
+            config[field] = sorted(config[field])
+    atomic_write_json(path, config)
+
+
 def _alpha_for(rank: int, scaling: float) -> float:
     """An alpha with ``alpha / rank == scaling`` exactly in float64 (peft computes alpha / r)."""
     alpha = scaling * rank
@@ -399,6 +408,7 @@ def write_peft_adapter(
 
     with atomic_directory(directory) as tmp:
         config.save_pretrained(str(tmp))
+        _sort_config_sets(tmp / CONFIG_FILE)
         atomic_save_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         for file_name, content in (extra_files or {}).items():
             path = safe_join(tmp, file_name)

@@ -379,3 +379,13 @@ def test_safe_join_refuses_symlinks_out(tmp_path: Path) -> None:
     (root / "link").symlink_to(tmp_path)
     with pytest.raises(AdapterError, match="escapes"):
         safe_join(root, "link", "x")
+
+
+def test_written_config_is_byte_stable_whatever_the_hash_seed(tmp_path: Path) -> None:
+    # peft holds target_modules in a set; saved as-is, its order changes with PYTHONHASHSEED and a
+    # resumed run would write a different adapter_config.json than the uninterrupted one.
+    adapter = {Q0: LoraFactors(A=torch.ones(2, 64), B=torch.ones(64, 2), scaling=1.0)}
+    targets = ["v_proj", "q_proj", "up_proj", "k_proj", "o_proj", "down_proj", "gate_proj"]
+    write_peft_adapter(tmp_path / "out", adapter, base_model_name_or_path="tiny", target_modules=targets)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(targets)
