@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from florist.data import PAD_TO_MULTIPLE_OF
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HETER_RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
@@ -41,6 +43,7 @@ class RunConfig:
     local_learning_rate: float = 3e-4
     local_max_steps: int | None = None  # optimizer steps per client per round; None = epochs
     cutoff_len: int = 512
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF  # batch widths; 1 pads to the longest example only
     train_on_inputs: bool = True
     group_by_length: bool = True
     prompt_template_name: str = "alpaca"
@@ -108,6 +111,8 @@ class RunConfig:
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.eval_scorer not in ("loglik", "generate"):
             raise ConfigError(f"eval_scorer must be loglik or generate, got {self.eval_scorer!r}")
+        if self.pad_to_multiple_of <= 0:
+            raise ConfigError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
         if self.min_clients <= 0:
             raise ConfigError(f"min_clients must be positive, got {self.min_clients}")
         return self

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from florist.errors import FloristError
@@ -39,7 +40,39 @@ _INPUT_FIELD = {"dolly": "context", "alpaca": "input", "wizard": None}
 _OUTPUT_FIELD = {"dolly": "response", "alpaca": "output", "wizard": "output"}
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
+# Batches are padded to a multiple of this many tokens. Every new sequence length makes oneDNN
+# and the allocator keep another set of per-shape buffers, so with exact-length batches the
+# process grows with every client trained (docs/benchmarks.md); a handful of widths bounds it.
+PAD_TO_MULTIPLE_OF = 32
 SPLIT_MODES = ("iid", "dirichlet", "shards")
+
+
+def padded_width(longest: int, multiple: int = PAD_TO_MULTIPLE_OF, cap: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``, but not past ``cap`` if it fits there."""
+    width = -(-longest // multiple) * multiple if multiple > 1 else longest
+    return min(width, cap) if cap is not None and longest <= cap else width
+
+
+def collate(
+    examples: Sequence[dict],
+    pad_token_id: int,
+    cutoff_len: int | None = None,
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+) -> dict[str, torch.Tensor]:
+    """Right-pad tokenised examples (cut at ``cutoff_len``): pad ids, labels -100, attention mask 0."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    if cutoff_len is not None:
+        longest = min(longest, cutoff_len)
+    width = padded_width(longest, pad_to_multiple_of, cutoff_len)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        k = min(longest, len(e["input_ids"]))
+        input_ids[row, :k] = torch.as_tensor(e["input_ids"][:k], dtype=torch.long)
+        labels[row, :k] = torch.as_tensor(e["labels"][:k], dtype=torch.long)
+        attention_mask[row, :k] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 class DataError(FloristError, ValueError):

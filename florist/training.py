@@ -25,10 +25,10 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from florist.aggregation.base import Adapter, ClientUpdate
 from florist.config import RunConfig
+from florist.data import IGNORE_INDEX, PAD_TO_MULTIPLE_OF, collate
 from florist.lora import LoraHost
 from florist.models import autocast_dtype
 
-IGNORE_INDEX = -100
 MEGA_BATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort within 50 micro-batches
 
 
@@ -74,6 +74,7 @@ class TrainConfig:
     group_by_length: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (see florist.models.autocast_dtype)
     cutoff_len: int = 512
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF  # bounded batch shapes (florist.data)
     train_on_inputs: bool = True  # used when tokenising (florist.data), kept here for one config
     weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be linear or constant, got {self.lr_scheduler!r}")
         if self.cutoff_len <= 1:
             raise ValueError(f"cutoff_len must be at least 2, got {self.cutoff_len}")
+        if self.pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -114,6 +117,7 @@ class TrainConfig:
             group_by_length=cfg.group_by_length,
             precision=cfg.precision,
             cutoff_len=cfg.cutoff_len,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
             train_on_inputs=cfg.train_on_inputs,
         )
 
@@ -155,20 +159,6 @@ def plan_batches(
             batches = [order[j : j + cfg.batch_size] for j in range(0, n, cfg.batch_size)]
         for batch in batches:
             yield [batch[j : j + cfg.micro_batch_size] for j in range(0, len(batch), cfg.micro_batch_size)]
-
-
-def collate(examples: list[dict], pad_token_id: int, cutoff_len: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pad ids, labels -100 and attention mask 0 on padding."""
-    width = min(cutoff_len, max(len(e["input_ids"]) for e in examples))
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        k = min(width, len(e["input_ids"]))
-        input_ids[row, :k] = torch.as_tensor(e["input_ids"][:k], dtype=torch.long)
-        labels[row, :k] = torch.as_tensor(e["labels"][:k], dtype=torch.long)
-        attention_mask[row, :k] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -298,7 +288,7 @@ class LocalTrainer:
             torch.manual_seed(dropout_seed)
             for _step in range(total):
                 micro_batches = [
-                    collate([examples[i] for i in mb], self.pad_token_id, cfg.cutoff_len)
+                    collate([examples[i] for i in mb], self.pad_token_id, cfg.cutoff_len, cfg.pad_to_multiple_of)
                     for mb in next(batches)
                 ]
                 # Mean over every label token of the optimizer batch, so that accumulating

@@ -114,15 +114,42 @@ def test_train_config_from_run_config_and_validation() -> None:
 
 
 def test_collate_pads_right_with_ignored_labels() -> None:
-    batch = collate(
-        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}], 0, 512
-    )
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}]
+    batch = collate(examples, 0, 512, pad_to_multiple_of=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert collate([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}], 0, 2)["input_ids"].tolist() == [
         [1, 2]
     ]
+    # Widths are rounded up to the multiple (default 32), padding with ignored labels ...
+    wide = collate(examples, 0, 512)
+    assert wide["input_ids"].shape == (2, 32)
+    assert wide["input_ids"][:, :3].tolist() == batch["input_ids"].tolist() and not wide["input_ids"][:, 3:].any()
+    assert (wide["labels"][:, 3:] == -100).all() and not wide["attention_mask"][:, 3:].any()
+    # ... but never past cutoff_len.
+    assert collate([{"input_ids": [1] * 40, "labels": [1] * 40}], 0, 50)["input_ids"].shape == (1, 50)
+    assert collate([{"input_ids": [1] * 70, "labels": [1] * 70}], 0, 64)["input_ids"].shape == (1, 64)
+
+
+def test_padding_to_a_multiple_changes_neither_the_loss_nor_the_gradient() -> None:
+    trainer, host, tok = make_trainer()
+    examples = make_examples(tok)
+    host.install(4, 8.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # B != 0, so A has a gradient too
+        for p in host.trainable_parameters():
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    results = []
+    for multiple in (1, 32):
+        loss = host.model(**collate(examples, tok.pad_token_id, 512, pad_to_multiple_of=multiple)).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in host.trainable_parameters()]))
+        host.model.zero_grad(set_to_none=True)
+    host.remove()
+    (loss1, grads1), (loss32, grads32) = results
+    torch.testing.assert_close(loss32, loss1, rtol=1e-5, atol=1e-6)
+    for g32, g1 in zip(grads32, grads1):
+        torch.testing.assert_close(g32, g1, rtol=1e-4, atol=1e-6)
 
 
 def _padded_cells(lengths: list[int], cfg: TrainConfig, steps: int) -> tuple[int, list[int]]:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from florist.data import IGNORE_INDEX, collate
 from florist.errors import FloristError
 
-IGNORE_INDEX = -100
 # Positions per LM-head call: the vocabulary-sized logits are the memory hog, not the model.
 HEAD_CHUNK = 1024
 
@@ -35,19 +35,6 @@ def _check_records(records: Sequence[Any]) -> None:
             raise FloristError(
                 f"held-out record {i}: expected a normalised record with string instruction/output"
             )
-
-
-def _right_padded(examples: Sequence[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
-        mask[row, :n] = 1
-    return ids.to(device), mask.to(device), labels.to(device)
 
 
 @torch.inference_mode()
@@ -100,7 +87,8 @@ def heldout_loss(
     try:
         for b in range(0, len(order), batch_size):
             batch = [scored[i] for i in order[b : b + batch_size]]
-            ids, mask, labels = _right_padded(batch, pad_id, device)
+            padded = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            ids, mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             # Position t predicts token t+1.
             targets = labels[:, 1:]

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from florist.data import padded_width
 from florist.errors import FloristError
 
 LETTERS = ("A", "B", "C", "D")
@@ -328,7 +329,7 @@ def _left_padded(
     sequences: Sequence[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding whatever the tokenizer's padding side, so the last column is every row's last token."""
-    width = max(len(s) for s in sequences)
+    width = padded_width(max(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
