@@ -1,7 +1,7 @@
 """``florist eval``: MMLU accuracy and held-out loss of a model, a PEFT adapter or a run.
 
     florist eval TARGET [--mmlu PATH] [--scorer loglik|generate|both] [--eval_samples N]
-                        [--heldout PATH] [--base MODEL] [--out results.json] [--kshot K]
+                        [--heldout PATH] [--base MODEL] [--out results.json] [--kshot K] [--lm_eval]
 
 TARGET is one of
 * a model: an alias (``smollm2-135m``, the embedded default), a Hugging Face directory, a
@@ -17,6 +17,7 @@ Results go to ``--out`` as JSON (written atomically) and a short table is printe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import time
@@ -70,6 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--predictions", action="store_true", help="also write every question's prediction")
+    p.add_argument(
+        "--lm_eval",
+        "--lm-eval",
+        action="store_true",
+        help="also score MMLU with lm-evaluation-harness (pip install 'florist[lmeval]'), from local files",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -210,6 +217,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FloristError(f"--kshot must be >= 0, got {args.kshot}")
     if args.batch_size <= 0:
         raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.lm_eval and importlib.util.find_spec("lm_eval") is None:
+        raise FloristError(
+            "--lm_eval needs lm-evaluation-harness: pip install 'florist[lmeval]' (or lm-eval)"
+        )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -254,6 +265,19 @@ def run_eval(args: argparse.Namespace) -> int:
                 dev=dev,
                 return_predictions=args.predictions,
             )
+        if args.lm_eval:
+            from florist.evaluation.harness import evaluate_mmlu_lm_eval
+
+            results["mmlu"]["lm_eval"] = evaluate_mmlu_lm_eval(
+                model,
+                tokenizer,
+                questions,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                max_questions=args.eval_samples,
+                kshot=args.kshot,
+                dev=dev,
+            )
     if heldout:
         results["heldout"] = {"path": str(heldout_path)} | heldout_loss(
             model,
@@ -273,7 +297,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['target']} ({results['kind']}, base {results['base_model']}, {results['device']})"]
     mmlu = results.get("mmlu", {})
-    scorers = [s for s in ("loglik", "generate") if s in mmlu]
+    scorers = [s for s in ("loglik", "generate", "lm_eval") if s in mmlu]
     if scorers:
         lines.append(f"  {'MMLU scorer':<14}{'macro %':>9}{'micro %':>9}{'n':>7}{'q/s':>8}")
         for s in scorers:
