@@ -15,6 +15,7 @@ ranks alone, to reproduce the paper's tables for models we do not load.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -155,3 +156,19 @@ def eff_for_shapes(
     ranks = [rank] * num_clients if isinstance(rank, int) else list(rank)
     shapes = [(1, 1)] * (num_layers * modules_per_layer)  # Eff does not depend on the sizes
     return shape_communication(shapes, ranks, method, florist_rank=florist_rank)["eff"]
+
+
+def total_communication(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the per-round totals (parameters and bytes, each direction) over all rounds."""
+    total: dict[str, Any] = {}
+    for r in rounds:
+        for key, value in r["communication"].get("total", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def eff_over_rounds(effs: list[float]) -> float:
+    """The paper's Eff over several rounds: 1 / (sum over rounds of the broadcast rank sum)."""
+    denominator = sum(1.0 / e for e in effs if e > 0)
+    return 1.0 / denominator if denominator else 0.0

@@ -127,7 +127,7 @@ def truncate_adapter(adapter: Adapter, rank: int) -> Adapter:
     return {n: LoraFactors(A=f.A[:rank], B=f.B[:, :rank], scaling=f.scaling) for n, f in adapter.items()}
 
 
-def _pad_adapter(adapter: Adapter, fresh: Adapter) -> Adapter:
+def pad_adapter(adapter: Adapter, fresh: Adapter) -> Adapter:
     """Grow ``adapter`` to ``fresh``'s rank: fresh A rows and zero B columns, same update."""
     padded: Adapter = {}
     for n, f in adapter.items():
@@ -271,22 +271,6 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None
             )
 
 
-def _communication_total(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the per-round totals (parameters and bytes, each direction) over all rounds."""
-    total: dict[str, Any] = {}
-    for r in rounds:
-        for key, value in r["communication"].get("total", {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                total[key] = total.get(key, 0) + value
-    return total
-
-
-def _eff_total(effs: list[float]) -> float:
-    """The paper's Eff over several rounds: 1 / (sum over rounds of the broadcast rank sum)."""
-    denominator = sum(1.0 / e for e in effs if e > 0)
-    return 1.0 / denominator if denominator else 0.0
-
-
 def _round_stats(results: dict[str, Any]) -> dict[str, Any]:
     return {
         cid: {
@@ -315,7 +299,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     and, with ``save_merged``, ``merged/``.
     """
     from florist import data
-    from florist.comm import paper_eff, round_communication
+    from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
     from florist.lora import LoraHost
     from florist.models import load_model
     from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A
@@ -475,9 +459,9 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     final = server.final_adapter()
     active = None if server.merged else final  # merged updates already live in the base
     metrics["eval_after"] = evaluate(host, tokenizer, active) if cfg.evaluate else {}
-    metrics["communication_total"] = _communication_total(metrics["rounds"])
+    metrics["communication_total"] = total_communication(metrics["rounds"])
     metrics["eff_per_round"] = [r["eff"] for r in metrics["rounds"]]
-    metrics["eff_total"] = _eff_total(metrics["eff_per_round"])
+    metrics["eff_total"] = eff_over_rounds(metrics["eff_per_round"])
     metrics["global_adapter"] = {
         "ranks": {n: f.rank for n, f in final.items()},
         "total_rank": sum(f.rank for f in final.values()),
@@ -506,7 +490,7 @@ def _continuation(server: ServerState, host: Any, cfg: RunConfig, rnd: int, k: i
         host.install(rank, cfg.client_alpha(k), generator=client_generator(cfg.seed, rnd, k))
         fresh = host.extract()
         host.remove()
-        init = _pad_adapter(init, fresh)
+        init = pad_adapter(init, fresh)
     return truncate_adapter(init, rank)
 
 

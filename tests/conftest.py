@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # florist imports torch, which must come after OMP_WAIT_POLICY below
+    from florist.config import RunConfig
 
 # torch's OpenMP threads spin while waiting; with several processes on 2 cores (Flower nodes,
 # subprocess runs) that costs 10x. Must be set before torch is imported.
@@ -71,3 +75,29 @@ def write_federated_data(root: Path, num_clients: int, *, per_client: int = 6, t
 def federated_data(tmp_path: Path) -> Callable[..., Path]:
     """``federated_data(num_clients, **kw)`` writes a tiny paper-layout data set under tmp_path."""
     return lambda num_clients, **kw: write_federated_data(tmp_path / "data", num_clients, **kw)
+
+
+def tiny_run_config(data: Path, out: Path, **overrides: object) -> RunConfig:
+    """A quick run on the tiny random Llama: 3 clients, one fp32 step each, no evaluation."""
+    from florist.config import RunConfig
+
+    values: dict = dict(
+        global_model="tiny-llama",
+        data_path=str(data),
+        output_dir=str(out),
+        num_clients=3,
+        num_communication_rounds=1,
+        lora_r=4,
+        lora_alpha=8,
+        local_batch_size=4,
+        local_micro_batch_size=2,
+        local_max_steps=1,
+        local_learning_rate=0.05,
+        cutoff_len=64,
+        lora_dropout=0.0,
+        evaluate=False,
+        precision="fp32",
+        device="cpu",
+    )
+    values.update(overrides)
+    return RunConfig(**values)

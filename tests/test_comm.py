@@ -133,3 +133,17 @@ def test_paper_eff_of_results():
     assert paper_eff(get_aggregator("fedit").aggregate(updates)) == pytest.approx(1 / (16 * n_modules))
     assert paper_eff(get_aggregator("ffa").aggregate(updates)) == pytest.approx(2 / (16 * n_modules))
     assert paper_eff(get_aggregator("flora").aggregate(updates)) == pytest.approx(1 / (128 * n_modules))
+
+
+def test_totals_over_rounds() -> None:
+    from florist.comm import eff_over_rounds, total_communication
+
+    # Eff over rounds is 1 / (sum of every round's broadcast rank sum), not a mean of the Effs.
+    assert eff_over_rounds([1 / 100, 1 / 300]) == pytest.approx(1 / 400)
+    assert eff_over_rounds([]) == 0.0
+    rounds = [
+        {"communication": {"total": {"upload_bytes": 10, "download_bytes": 4, "note": "x", "flag": True}}},
+        {"communication": {"total": {"upload_bytes": 5, "download_bytes": 6}}},
+        {"communication": {}},
+    ]
+    assert total_communication(rounds) == {"upload_bytes": 15, "download_bytes": 10}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_config
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -55,30 +56,10 @@ ROUND_KEYS = {
 
 
 def make_cfg(data: Path, out: Path, method: str, heter: bool, **overrides) -> RunConfig:
-    values = dict(
-        global_model="tiny-llama",
-        data_path=str(data),
-        output_dir=str(out),
-        num_clients=3,
-        method=method,
-        heter=heter,
-        local_ranks=list(RANKS),
-        lora_r=4,
-        lora_alpha=8,
-        threshold=0.9,
-        num_communication_rounds=2,
-        local_batch_size=4,
-        local_micro_batch_size=2,
-        local_max_steps=1,
-        local_learning_rate=0.05,
-        cutoff_len=96,
-        lora_dropout=0.0,
-        evaluate=False,
-        precision="fp32",
-        seed=7,
+    settings = dict(
+        method=method, heter=heter, local_ranks=list(RANKS), threshold=0.9, num_communication_rounds=2
     )
-    values.update(overrides)
-    return RunConfig(**values)
+    return tiny_run_config(data, out, **(settings | dict(cutoff_len=96, seed=7) | overrides))
 
 
 class Spy:

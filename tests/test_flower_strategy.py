@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_config
 from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -57,30 +58,10 @@ def write_tiny_data(root: Path, sizes: tuple[int, ...] = (6, 4, 5)) -> Path:
 def tiny_config(
     data: Path, out: Path, method: str, *, heter: bool, rounds: int = 2, **overrides
 ) -> RunConfig:
-    values = dict(
-        global_model="tiny-llama",
-        data_path=str(data),
-        output_dir=str(out),
-        num_clients=3,
-        method=method,
-        threshold=0.9,
-        num_communication_rounds=rounds,
-        local_batch_size=4,
-        local_micro_batch_size=2,
-        local_max_steps=1,
-        cutoff_len=64,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.05,
-        heter=heter,
-        local_ranks=list(RANKS),
-        seed=7,
-        device="cpu",
-        precision="fp32",
-        evaluate=False,
+    settings = dict(
+        method=method, heter=heter, local_ranks=list(RANKS), threshold=0.9, num_communication_rounds=rounds
     )
-    values.update(overrides)
-    return RunConfig(**values)
+    return tiny_run_config(data, out, **(settings | dict(lora_dropout=0.05, seed=7) | overrides))
 
 
 def adapter_deltas(directory: Path) -> dict[str, torch.Tensor]:
@@ -272,16 +253,6 @@ def test_app_project_is_a_valid_small_flower_app(tmp_path):
     assert config["tool"]["flwr"]["app"]["config"]["method"] == "flexlora"
     assert len(build_fab_from_disk(directory)) < 64 * 1024  # no data, no code: far below Flower's 10 MB cap
     assert "florist.flower.server_app:app" in app_pyproject()
-
-
-def test_node_subset_rule_matches_florist_data(tmp_path):
-    from florist import data
-
-    root = write_tiny_data(tmp_path)
-    full = data.load_client_datasets(root, 3, max_samples_per_client=3, seed=11)
-    for k in range(3):
-        records, _ = data.load_dataset_file(root / "3" / f"local_training_{k}.json")
-        assert client_app.subset_records(records, k, 3, 11) == full[k]
 
 
 # --- the whole protocol on a fake grid, against the in-process loop -------------------------------

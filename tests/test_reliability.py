@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_config
 
 import florist.training
 from florist.adapters import read_peft_adapter, write_peft_adapter
@@ -132,28 +133,8 @@ def test_nothing_is_ever_unpickled(no_unpickling: list[str], tmp_path: Path, cap
 
 
 def make_cfg(data: Path, out: Path, **overrides) -> RunConfig:
-    values = dict(
-        global_model="tiny-llama",
-        data_path=str(data),
-        output_dir=str(out),
-        num_clients=3,
-        method="florist",
-        threshold=0.95,
-        num_communication_rounds=1,
-        lora_r=2,
-        lora_alpha=4,
-        local_batch_size=2,
-        local_micro_batch_size=2,
-        local_max_steps=1,
-        local_learning_rate=0.05,
-        cutoff_len=64,
-        lora_dropout=0.0,
-        evaluate=False,
-        precision="fp32",
-        seed=5,
-    )
-    values.update(overrides)
-    return RunConfig(**values)
+    settings = dict(method="florist", threshold=0.95, lora_r=2, lora_alpha=4, local_batch_size=2, seed=5)
+    return tiny_run_config(data, out, **(settings | overrides))
 
 
 def poisoned(update: ClientUpdate) -> ClientUpdate:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_config
 
 import florist.training
 from florist.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
@@ -50,30 +51,12 @@ run_federated(cfg, model=model, tokenizer=tokenizer)
 
 
 def make_cfg(data: Path, out: Path, method: str, heter: bool = False, **overrides) -> RunConfig:
-    values = dict(
-        global_model="tiny-llama",
-        data_path=str(data),
-        output_dir=str(out),
-        num_clients=3,
-        method=method,
-        heter=heter,
-        local_ranks=[4, 2, 1],
-        lora_r=2,
-        lora_alpha=4,
-        threshold=0.9,
-        num_communication_rounds=3,
-        local_batch_size=2,
-        local_micro_batch_size=2,
-        local_max_steps=1,
-        local_learning_rate=0.05,
-        cutoff_len=64,
-        lora_dropout=0.05,  # dropout on: its randomness must be replayed too
-        evaluate=False,
-        precision="fp32",
-        seed=3,
+    settings = dict(
+        method=method, heter=heter, local_ranks=[4, 2, 1], threshold=0.9, num_communication_rounds=3
     )
-    values.update(overrides)
-    return RunConfig(**values)
+    # Dropout on: its randomness must be replayed too.
+    small = dict(lora_r=2, lora_alpha=4, local_batch_size=2, lora_dropout=0.05, seed=3)
+    return tiny_run_config(data, out, **(settings | small | overrides))
 
 
 def run(cfg: RunConfig) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_config
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -65,27 +66,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_cfg(data: Path, out: Path, **overrides: object) -> RunConfig:
-    values: dict = dict(
-        global_model="tiny-llama",
-        data_path=str(data),
-        output_dir=str(out),
-        num_clients=3,
-        local_ranks=list(RANKS),
-        lora_r=4,
-        lora_alpha=8,
-        num_communication_rounds=1,
-        local_batch_size=4,
-        local_micro_batch_size=2,
-        local_max_steps=1,
-        local_learning_rate=0.05,
-        cutoff_len=64,
-        lora_dropout=0.0,
-        evaluate=False,
-        precision="fp32",
-        seed=11,
-    )
-    values.update(overrides)
-    return RunConfig(**values)
+    return tiny_run_config(data, out, **(dict(local_ranks=list(RANKS), seed=11) | overrides))
 
 
 def tiny() -> tuple:

@@ -125,7 +125,10 @@ def test_collate_pads_right_with_ignored_labels() -> None:
     # Widths are rounded up to the multiple (default 32), padding with ignored labels ...
     wide = collate(examples, 0, 512)
     assert wide["input_ids"].shape == (2, 32)
-    assert wide["input_ids"][:, :3].tolist() == batch["input_ids"].tolist() and not wide["input_ids"][:, 3:].any()
+    assert (
+        wide["input_ids"][:, :3].tolist() == batch["input_ids"].tolist()
+        and not wide["input_ids"][:, 3:].any()
+    )
     assert (wide["labels"][:, 3:] == -100).all() and not wide["attention_mask"][:, 3:].any()
     # ... but never past cutoff_len.
     assert collate([{"input_ids": [1] * 40, "labels": [1] * 40}], 0, 50)["input_ids"].shape == (1, 50)

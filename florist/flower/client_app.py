@@ -141,21 +141,13 @@ def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
     return load_model(name, device=cfg.device)
 
 
-def subset_records(records: list[dict], k: int, n: int, seed: int) -> list[dict]:
-    """Client k's seeded subset, the rule of ``florist.data.load_client_datasets`` (a test keeps them equal)."""
-    import numpy as np
-
-    keep = np.sort(np.random.default_rng([seed, k]).choice(len(records), size=int(n), replace=False))
-    return [records[i] for i in keep]
-
-
 def _examples(cfg: RunConfig, node: NodeSettings, tokenizer: Any) -> list[dict]:
     from florist import data
 
     if node.data_file:
         records, _fmt = data.load_dataset_file(node.data_file)
         if cfg.max_samples_per_client is not None and len(records) > cfg.max_samples_per_client:
-            records = subset_records(records, node.partition_id, cfg.max_samples_per_client, cfg.seed)
+            records = data.subset_records(records, node.partition_id, cfg.max_samples_per_client, cfg.seed)
     else:
         if node.data_path is None or node.num_partitions is None:
             raise ConfigError("node config needs data-path and num-partitions (paper layout) or data-file")
@@ -198,7 +190,7 @@ def train(message: Message, context: Context) -> Message:
     """One round of local training, starting where the server's message says."""
     import torch
 
-    from florist.federation import _pad_adapter, truncate_adapter
+    from florist.federation import pad_adapter, truncate_adapter
     from florist.lora import LoraHost
     from florist.models import resolve_device
     from florist.training import LocalTrainer, TrainConfig, client_generator, ffa_frozen_A
@@ -245,7 +237,7 @@ def train(message: Message, context: Context) -> Message:
             host.install(node.rank, node.alpha, generator=client_generator(cfg.seed, rnd, k))
             fresh = host.extract()
             host.remove()
-            init = _pad_adapter(init, fresh)
+            init = pad_adapter(init, fresh)
         init = truncate_adapter(init, node.rank)
 
     device = resolve_device(cfg.device)

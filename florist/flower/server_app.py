@@ -98,7 +98,7 @@ def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[st
 def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
     """The whole server side of a Flower run; returns the metrics it also writes."""
     from florist.checkpoint import load_checkpoint
-    from florist.federation import _communication_total, _eff_total
+    from florist.comm import eff_over_rounds, total_communication
     from florist.io import atomic_write_json
 
     cfg.validate()
@@ -151,9 +151,9 @@ def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dic
         metrics["eval_after"] = evaluate(None if strategy.server.merged else final)
     else:
         metrics["eval_after"] = {}
-    metrics["communication_total"] = _communication_total(metrics["rounds"])
+    metrics["communication_total"] = total_communication(metrics["rounds"])
     metrics["eff_per_round"] = [r["eff"] for r in metrics["rounds"]]
-    metrics["eff_total"] = _eff_total(metrics["eff_per_round"])
+    metrics["eff_total"] = eff_over_rounds(metrics["eff_per_round"])
     metrics["global_adapter"] = {
         "ranks": {n: f.rank for n, f in final.items()},
         "total_rank": sum(f.rank for f in final.values()),
