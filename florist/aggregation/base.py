@@ -150,11 +150,12 @@ def check_range(updates: Sequence[ClientUpdate], dtype: torch.dtype) -> None:
 
 
 def _guarded(aggregate: Callable[[Aggregator, Sequence[ClientUpdate]], GlobalResult]):
-    """Wrap every method's ``aggregate``: range check first, and never return NaN/Inf factors."""
+    """Wrap every method's ``aggregate``: validate the uploads and check their range first (so the
+    methods can trust them), and never return NaN/Inf factors."""
 
     @functools.wraps(aggregate)
     def wrapper(self: Aggregator, updates: Sequence[ClientUpdate]) -> GlobalResult:
-        validate_updates(updates)
+        validate_updates(updates, homogeneous=not self.supports_heterogeneous)
         check_range(updates, self.dtype)
         try:
             result = aggregate(self, updates)
