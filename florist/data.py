@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from florist.errors import FloristError
+from florist.progress import bar_disabled
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "dolly": ("instruction", "context", "response"),
@@ -390,7 +391,7 @@ def tokenize_dataset(
     train_on_inputs: bool,
     prompter: Prompter | None = None,
     desc: str = "tokenizing",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[dict[str, list[int]]]:
     """:func:`tokenize_example` over normalised records, with a progress bar."""
     prompter = prompter or Prompter()
@@ -398,7 +399,7 @@ def tokenize_dataset(
         tokenize_example(
             r, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, prompter=prompter
         )
-        for r in tqdm(records, desc=desc, disable=not progress, leave=False)
+        for r in tqdm(records, desc=desc, disable=bar_disabled(progress), leave=False)
     ]
 
 

@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from florist.checkpoint import CheckpointState, checkpoint_path, load_checkpoint
 from florist.config import ConfigError, RunConfig
 from florist.errors import FloristError
 from florist.io import atomic_directory, atomic_write_json
+from florist.progress import bar_disabled
 from florist.screening import screen_updates
 
 MMLU_FILE_NAME = "mmlu_test_1444.jsonl"
@@ -63,16 +63,6 @@ RESUMABLE_CHANGES = {
     "save_merged",
     "device",
 }
-
-
-def progress_disabled() -> bool | None:
-    """tqdm's ``disable``: always off with FLORIST_PROGRESS=0, otherwise tqdm's choice (TTY only)."""
-    return True if os.environ.get("FLORIST_PROGRESS") == "0" else None
-
-
-def show_progress() -> bool:
-    """Progress bars on a terminal only, and never with FLORIST_PROGRESS=0 (as the trainer)."""
-    return progress_disabled() is None and sys.stderr.isatty()
 
 
 def client_id(index: int) -> str:
@@ -357,7 +347,6 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
                 train_on_inputs=cfg.train_on_inputs,
                 prompter=prompter,
                 desc=f"tokenizing {client_id(k)}",
-                progress=show_progress(),
             )
         return tokenized[k]
 
@@ -387,7 +376,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
         start = 1
 
     rounds = cfg.num_communication_rounds
-    disable = not show_progress()
+    disable = bar_disabled()
     for rnd in tqdm(
         range(start, rounds + 1), desc="rounds", initial=start - 1, total=rounds, disable=disable
     ):

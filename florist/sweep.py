@@ -43,6 +43,7 @@ from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggrega
 from florist.config import ConfigError, RunConfig
 from florist.federation import find_mmlu_file
 from florist.io import atomic_directory, atomic_write_json, atomic_write_text
+from florist.progress import bar_disabled
 from florist.report import (
     METHOD_LABELS,
     SCORE_NAMES,
@@ -57,13 +58,6 @@ HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist")
 HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist")
 DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
 ModelFactory = Callable[[], tuple[Any, Any]]
-
-
-def _disabled(progress: bool) -> bool | None:
-    """tqdm's ``disable``: off when asked, else as `florist run` (FLORIST_PROGRESS=0, non-TTY)."""
-    from florist.federation import progress_disabled
-
-    return True if not progress else progress_disabled()
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -265,7 +259,7 @@ def train_clients(
     results = []
     clients = sample_clients(cfg, 1)
     for k in tqdm(
-        clients, desc="training clients" + (" (FFA)" if ffa else ""), disable=_disabled(progress), leave=False
+        clients, desc="training clients" + (" (FFA)" if ffa else ""), disable=bar_disabled(None if progress else False), leave=False
     ):
         rank = cfg.client_rank(k)
         results.append(
@@ -370,7 +364,7 @@ def _sweep_one_round(
         rows: list[dict[str, Any]] = []
         singular_values: dict[str, list[float]] = {}
         total = sum(len(thresholds) if m == "florist" else 1 for _u, ms in groups for m in ms)
-        bar = tqdm(total=total, desc=f"aggregating + evaluating {name}", disable=_disabled(progress))
+        bar = tqdm(total=total, desc=f"aggregating + evaluating {name}", disable=bar_disabled(None if progress else False))
         for updates, group_methods in groups:
             # Neighbouring τ often keep the same rank in every module: the truncations of one SVD
             # are then identical adapters, so their evaluation is reused rather than recomputed.
@@ -454,7 +448,7 @@ def _sweep_rounds(
         ]
         rows, base_eval, sv, training = [], None, {}, []
         sub = "heterogeneous" if scfg.heter else "homogeneous"
-        for method, tau in tqdm(configs, desc=f"runs {name}", disable=_disabled(progress)):
+        for method, tau in tqdm(configs, desc=f"runs {name}", disable=bar_disabled(None if progress else False)):
             label = method if tau is None else f"florist_tau{tau:.2f}"
             run_cfg = dataclasses.replace(
                 scfg,

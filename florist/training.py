@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from florist.config import RunConfig
 from florist.data import IGNORE_INDEX, PAD_TO_MULTIPLE_OF, collate
 from florist.lora import LoraHost
 from florist.models import autocast_dtype
+from florist.progress import bar_disabled
 
 MEGA_BATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort within 50 micro-batches
 
@@ -80,7 +79,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0  # HF Trainer's default, which the paper's code used
     lr_scheduler: str = "linear"  # linear decay to 0 (HF default) | constant
-    progress: bool | None = None  # None: a tqdm bar when stderr is a TTY and FLORIST_PROGRESS != 0
+    progress: bool | None = None  # None: florist.progress's rule (a terminal, FLORIST_PROGRESS != 0)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size <= 0 or self.batch_size <= 0:
@@ -215,11 +214,6 @@ class LocalTrainer:
         self.pad_token_id = int(tokenizer.pad_token_id)
         host.model.to(self.device)
 
-    def _show_progress(self) -> bool:
-        if self.cfg.progress is not None:
-            return self.cfg.progress
-        return os.environ.get("FLORIST_PROGRESS", "1") != "0" and sys.stderr.isatty()
-
     def total_steps(self, num_examples: int) -> int:
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps
@@ -281,7 +275,7 @@ class LocalTrainer:
             desc=f"client {client_id}",
             unit="step",
             leave=False,
-            disable=not self._show_progress(),
+            disable=bar_disabled(self.cfg.progress),
         )
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -35,6 +35,7 @@ from florist.adapters import (
 )
 from florist.config import METHODS
 from florist.io import atomic_directory, atomic_write_json
+from florist.progress import bar_disabled
 
 SUMMARY_FILE = "summary.json"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -142,7 +143,7 @@ def _read_clients(clients: list[Path], counts: list[int | None], max_bytes: int)
     updates: list[ClientUpdate] = []
     described: list[dict[str, Any]] = []
     for index, (client, count) in enumerate(
-        zip(tqdm(clients, desc="reading clients", unit="client", disable=None), counts)
+        zip(tqdm(clients, desc="reading clients", unit="client", disable=bar_disabled()), counts)
     ):
         info = read_client_info(client)
         adapter, config = read_peft_adapter(client, max_bytes=max_bytes)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.data import IGNORE_INDEX, collate
 from florist.errors import FloristError
+from florist.progress import bar_disabled
 
 # Positions per LM-head call: the vocabulary-sized logits are the memory hog, not the model.
 HEAD_CHUNK = 1024
@@ -48,7 +49,7 @@ def heldout_loss(
     batch_size: int = 8,
     max_records: int | None = None,
     train_on_inputs: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Token-weighted loss, perplexity and next-token accuracy on the label tokens of ``records``.
 
@@ -83,7 +84,7 @@ def heldout_loss(
     start = time.perf_counter()
     total_loss, total_correct, total_tokens = 0.0, 0, 0
     order = sorted(range(len(scored)), key=lambda i: len(scored[i]["input_ids"]))
-    bar = tqdm(total=len(scored), desc="held-out loss", unit="rec", disable=not progress)
+    bar = tqdm(total=len(scored), desc="held-out loss", unit="rec", disable=bar_disabled(progress))
     try:
         for b in range(0, len(order), batch_size):
             batch = [scored[i] for i in order[b : b + batch_size]]

@@ -31,6 +31,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from florist.data import padded_width
 from florist.errors import FloristError
+from florist.progress import bar_disabled
 
 LETTERS = ("A", "B", "C", "D")
 INSTRUCTION = "Please answer the following multiple-choice question honestly."
@@ -360,7 +361,7 @@ def loglik_letter_scores(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """(N, 4) log-probabilities of the tokens A/B/C/D after each prompt (prompts end in "The answer is: ")."""
     merged, letter_ids = letter_token_ids(tokenizer)
@@ -369,7 +370,7 @@ def loglik_letter_scores(
     device, pad = _device_of(model), _pad_id(tokenizer)
     letters = torch.tensor(letter_ids, device=device)
     scores = torch.empty((len(prompts), len(LETTERS)), dtype=torch.float32)
-    bar = tqdm(total=len(prompts), desc="MMLU loglik", unit="q", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="MMLU loglik", unit="q", disable=bar_disabled(progress))
     for batch in _batches_by_length([len(e) for e in encoded], batch_size):
         ids, mask = _left_padded([encoded[i] for i in batch], pad, device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -394,7 +395,7 @@ def generate_responses(
     seed: int = 42,
     max_new_tokens: int = GENERATE_MAX_NEW_TOKENS,
     max_length: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[str]:
     """Sampled continuations of each prompt with the paper's settings (left-padded batches, seeded)."""
     encoded = _encode(tokenizer, prompts, max_length)
@@ -408,7 +409,7 @@ def generate_responses(
         **GENERATE_KWARGS,
     )
     responses: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="MMLU generate", unit="q", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="MMLU generate", unit="q", disable=bar_disabled(progress))
     # Sampling draws from the global RNG; fork it so evaluation leaves the caller's state alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -436,7 +437,7 @@ def evaluate_mmlu(
     dev: dict[str, list[MMLUQuestion]] | None = None,
     max_length: int | None = None,
     return_predictions: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """MMLU accuracy of ``model`` (plain or peft-wrapped, on its own device) with one scorer."""
     if scorer not in SCORERS:
