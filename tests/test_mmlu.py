@@ -351,6 +351,41 @@ def test_loglik_on_a_peft_model_and_mode_restored() -> None:
     assert sum(result["predicted_letters"].values()) == len(hand_questions())
 
 
+@pytest.mark.parametrize("tokenizer_kind", ["bytes", "merging"])
+def test_shared_prefix_cache_gives_the_unbatched_scores_for_kshot_prompts(tokenizer_kind: str) -> None:
+    from florist.evaluation.mmlu import loglik_letter_scores
+
+    if tokenizer_kind == "bytes":
+        model, tok = tiny_llama(seed=6)
+        merged = False
+    else:
+        tok = merging_tokenizer()
+        model, merged = llama_for(tok, seed=6), True
+    questions = hand_questions() * 2  # two of each subject
+    dev = {q.subject: [q, questions[i + 1]] for i, q in enumerate(questions[:-1])}
+    prompts = [build_prompt(q, dev[q.subject]) for q in questions]
+    letter_ids = [
+        tok.convert_tokens_to_ids(t) for t in (["ĠA", "ĠB", "ĠC", "ĠD"] if merged else list("ABCD"))
+    ]
+    with torch.no_grad():
+        ref = torch.stack(
+            [
+                torch.log_softmax(
+                    model(input_ids=torch.tensor([tok(p[:-1] if merged else p)["input_ids"]])).logits[0, -1],
+                    -1,
+                )[letter_ids]
+                for p in prompts
+            ]
+        )
+    subjects = [q.subject for q in questions]
+    for share in (True, False):
+        for groups in (subjects, None):  # per subject: the exemplars are shared too
+            got = loglik_letter_scores(
+                model, tok, prompts, batch_size=3, groups=groups, share_prefix=share, progress=False
+            )
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
 def test_evaluate_mmlu_sampling_kshot_and_bad_arguments() -> None:
     model, tok = tiny_llama(seed=0)
     questions = hand_questions()

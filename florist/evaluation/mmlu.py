@@ -12,6 +12,7 @@ the per-subject accuracies (``accuracy_macro``), as in the paper.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -20,7 +21,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ ANSWER_PREFIX = "The answer is: "
 GENERATE_KWARGS = {"temperature": 0.2, "top_p": 0.6, "top_k": 30}
 GENERATE_MAX_NEW_TOKENS = 32
 SCORERS = ("loglik", "generate")
+# Shorter shared prompt beginnings are not worth a KV cache of their own.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,32 @@ def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _shared_prefix(sequences: Sequence[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least its last token."""
+    first, n = sequences[0], min(len(s) for s in sequences) - 1
+    for seq in sequences[1:]:
+        k = 0
+        while k < n and seq[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _prefix_cache(model: PreTrainedModel, prefix: list[int], device: torch.device) -> Any:
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def _suffix_batch(
+    suffixes: Sequence[list[int]], prefix_len: int, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded suffixes after a cached prefix: ids, the mask over prefix + suffix, positions."""
+    ids, mask = _left_padded(suffixes, pad_id, device)
+    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=prefix_len)
+    full_mask = torch.cat([mask.new_ones(mask.shape[0], prefix_len), mask], dim=1)
+    return ids, full_mask, positions
+
+
 @torch.inference_mode()
 def loglik_letter_scores(
     model: PreTrainedModel,
@@ -361,26 +390,53 @@ def loglik_letter_scores(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
+    groups: Sequence[Hashable] | None = None,
+    share_prefix: bool = True,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """(N, 4) log-probabilities of the tokens A/B/C/D after each prompt (prompts end in "The answer is: ")."""
+    """(N, 4) log-probabilities of the tokens A/B/C/D after each prompt (prompts end in "The answer is: ").
+
+    Prompts are batched within ``groups`` (e.g. the subject, whose k-shot exemplars they share),
+    shortest first. With ``share_prefix``, the tokens all prompts of a group begin with (the
+    Alpaca preamble; the exemplars) go through the model once, and every batch of the group
+    continues from that KV cache: the same numbers, less compute.
+    """
     merged, letter_ids = letter_token_ids(tokenizer)
     contexts = [p[:-1] if merged and p.endswith(" ") else p for p in prompts]
     encoded = _encode(tokenizer, contexts, max_length)
     device, pad = _device_of(model), _pad_id(tokenizer)
     letters = torch.tensor(letter_ids, device=device)
     scores = torch.empty((len(prompts), len(LETTERS)), dtype=torch.float32)
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups if groups is not None else [None] * len(prompts)):
+        members[g].append(i)
     bar = tqdm(total=len(prompts), desc="MMLU loglik", unit="q", disable=bar_disabled(progress))
-    for batch in _batches_by_length([len(e) for e in encoded], batch_size):
-        ids, mask = _left_padded([encoded[i] for i in batch], pad, device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        # logits_to_keep=1: the LM head runs on the last position only, not on the whole prompt.
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False
+    for rows in members.values():
+        shared = _shared_prefix([encoded[i] for i in rows]) if share_prefix else 0
+        cache = (
+            _prefix_cache(model, encoded[rows[0]][:shared], device) if shared >= MIN_SHARED_PREFIX else None
         )
-        logp = out.logits[:, -1, :].float().log_softmax(-1)
-        scores[batch] = logp.index_select(-1, letters).cpu()
-        bar.update(len(batch))
+        if cache is None:
+            shared = 0
+        for batch in _batches_by_length([len(encoded[i]) for i in rows], batch_size):
+            batch = [rows[j] for j in batch]
+            ids, mask, positions = _suffix_batch([encoded[i][shared:] for i in batch], shared, pad, device)
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)  # the forward pass appends to it
+                past.batch_repeat_interleave(len(batch))
+            # logits_to_keep=1: the LM head runs on the last position only, not on the whole prompt.
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                logits_to_keep=1,
+                use_cache=past is not None,
+            )
+            logp = out.logits[:, -1, :].float().log_softmax(-1)
+            scores[batch] = logp.index_select(-1, letters).cpu()
+            bar.update(len(batch))
     bar.close()
     return scores
 
@@ -466,7 +522,13 @@ def evaluate_mmlu(
     try:
         if scorer == "loglik":
             scores = loglik_letter_scores(
-                model, tokenizer, prompts, batch_size=batch_size, max_length=max_length, progress=progress
+                model,
+                tokenizer,
+                prompts,
+                batch_size=batch_size,
+                max_length=max_length,
+                groups=[q.subject for q in questions] if kshot else None,
+                progress=progress,
             )
             predicted = scores.argmax(-1).tolist()
             correct = [p == q.answer for p, q in zip(predicted, questions)]
