@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -367,9 +368,34 @@ def _shared_prefix(sequences: Sequence[list[int]]) -> int:
     return max(n, 0)
 
 
-def _prefix_cache(model: PreTrainedModel, prefix: list[int], device: torch.device) -> Any:
+def _prefix_cache(decoder: torch.nn.Module, prefix: list[int], device: torch.device) -> Any:
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    return decoder(input_ids=ids, use_cache=True).past_key_values
+
+
+class _Float32Head:
+    """The LM head in float32, whatever the model's dtype or autocast says.
+
+    In bfloat16, logits near 10 are 0.06 apart, so two letters often tie exactly and argmax
+    would favour "A"; one position per question makes float32 cheap here.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        plain = type(self.head) is torch.nn.Linear  # not, e.g., a LoRA-wrapped head
+        self.weight = self.head.weight.float() if plain else None
+        self.bias = self.head.bias.float() if plain and self.head.bias is not None else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            if self.weight is not None:
+                logits = F.linear(hidden.float(), self.weight, self.bias)
+            else:
+                logits = self.head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def _suffix_batch(
@@ -406,6 +432,7 @@ def loglik_letter_scores(
     encoded = _encode(tokenizer, contexts, max_length)
     device, pad = _device_of(model), _pad_id(tokenizer)
     letters = torch.tensor(letter_ids, device=device)
+    decoder, head = model.get_decoder(), _Float32Head(model)
     scores = torch.empty((len(prompts), len(LETTERS)), dtype=torch.float32)
     members: dict[Hashable, list[int]] = defaultdict(list)
     for i, g in enumerate(groups if groups is not None else [None] * len(prompts)):
@@ -414,7 +441,7 @@ def loglik_letter_scores(
     for rows in members.values():
         shared = _shared_prefix([encoded[i] for i in rows]) if share_prefix else 0
         cache = (
-            _prefix_cache(model, encoded[rows[0]][:shared], device) if shared >= MIN_SHARED_PREFIX else None
+            _prefix_cache(decoder, encoded[rows[0]][:shared], device) if shared >= MIN_SHARED_PREFIX else None
         )
         if cache is None:
             shared = 0
@@ -425,16 +452,15 @@ def loglik_letter_scores(
             if cache is not None:
                 past = copy.deepcopy(cache)  # the forward pass appends to it
                 past.batch_repeat_interleave(len(batch))
-            # logits_to_keep=1: the LM head runs on the last position only, not on the whole prompt.
-            out = model(
+            hidden = decoder(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=past,
-                logits_to_keep=1,
                 use_cache=past is not None,
-            )
-            logp = out.logits[:, -1, :].float().log_softmax(-1)
+            ).last_hidden_state
+            # The LM head on the last position only, not on the whole prompt.
+            logp = head(hidden[:, -1]).log_softmax(-1)
             scores[batch] = logp.index_select(-1, letters).cpu()
             bar.update(len(batch))
     bar.close()
@@ -493,9 +519,14 @@ def evaluate_mmlu(
     dev: dict[str, list[MMLUQuestion]] | None = None,
     max_length: int | None = None,
     return_predictions: bool = False,
+    share_prefix: bool = True,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """MMLU accuracy of ``model`` (plain or peft-wrapped, on its own device) with one scorer."""
+    """MMLU accuracy of ``model`` (plain or peft-wrapped, on its own device) with one scorer.
+
+    ``share_prefix`` (loglik): run the prompts' common beginning once per subject (see
+    :func:`loglik_letter_scores`); False recomputes it for every question, with the same scores.
+    """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     if batch_size <= 0:
@@ -528,6 +559,7 @@ def evaluate_mmlu(
                 batch_size=batch_size,
                 max_length=max_length,
                 groups=[q.subject for q in questions] if kshot else None,
+                share_prefix=share_prefix,
                 progress=progress,
             )
             predicted = scores.argmax(-1).tolist()
