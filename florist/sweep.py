@@ -259,7 +259,10 @@ def train_clients(
     results = []
     clients = sample_clients(cfg, 1)
     for k in tqdm(
-        clients, desc="training clients" + (" (FFA)" if ffa else ""), disable=bar_disabled(None if progress else False), leave=False
+        clients,
+        desc="training clients" + (" (FFA)" if ffa else ""),
+        disable=bar_disabled(None if progress else False),
+        leave=False,
     ):
         rank = cfg.client_rank(k)
         results.append(
@@ -364,7 +367,11 @@ def _sweep_one_round(
         rows: list[dict[str, Any]] = []
         singular_values: dict[str, list[float]] = {}
         total = sum(len(thresholds) if m == "florist" else 1 for _u, ms in groups for m in ms)
-        bar = tqdm(total=total, desc=f"aggregating + evaluating {name}", disable=bar_disabled(None if progress else False))
+        bar = tqdm(
+            total=total,
+            desc=f"aggregating + evaluating {name}",
+            disable=bar_disabled(None if progress else False),
+        )
         for updates, group_methods in groups:
             # Neighbouring τ often keep the same rank in every module: the truncations of one SVD
             # are then identical adapters, so their evaluation is reused rather than recomputed.
@@ -397,6 +404,8 @@ def _sweep_one_round(
                         target_modules=list(cfg.lora_target_modules),
                     )
                 bar.update()
+                if progress:  # a line per configuration: the progress a log file keeps
+                    tqdm.write(f"sweep {name} {len(rows)}/{total}: {_row_line(rows[-1])}")
         bar.close()
         settings.append(
             {
@@ -410,6 +419,16 @@ def _sweep_one_round(
             }
         )
     return settings
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    parts = [row["label"], f"global rank {row['rank_total']}", f"Eff {row['eff']:.3e}"]
+    evaluation = row.get("eval") or {}
+    if evaluation.get("mmlu"):
+        parts.append(f"MMLU {100 * evaluation['mmlu']['accuracy_macro']:.2f}%")
+    if evaluation.get("heldout"):
+        parts.append(f"held-out loss {evaluation['heldout']['loss']:.4f}")
+    return ", ".join(parts)
 
 
 def _client_stats(results: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -448,7 +467,9 @@ def _sweep_rounds(
         ]
         rows, base_eval, sv, training = [], None, {}, []
         sub = "heterogeneous" if scfg.heter else "homogeneous"
-        for method, tau in tqdm(configs, desc=f"runs {name}", disable=bar_disabled(None if progress else False)):
+        for method, tau in tqdm(
+            configs, desc=f"runs {name}", disable=bar_disabled(None if progress else False)
+        ):
             label = method if tau is None else f"florist_tau{tau:.2f}"
             run_cfg = dataclasses.replace(
                 scfg,

@@ -214,7 +214,13 @@ def test_cli_sweep(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     sweep = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert sweep["thresholds"] == [0.6, 0.7, 0.8, 0.9] and sweep["e_tolerance"] == 0.5
     assert [s["heter"] for s in sweep["settings"]] == [True]
-    assert "Zero-padding" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Zero-padding" in printed
+    # One line per configuration, so a log file shows how far the sweep has got.
+    progress = [line for line in printed.splitlines() if line.startswith("sweep ")]
+    assert len(progress) == 5 and progress[-1].startswith(
+        "sweep heterogeneous (ranks 4,2,1) 5/5: FLoRIST τ=0.90, global rank"
+    )
     assert not (tmp_path / "out" / "report").exists()
     # Bad input: one line, exit code 2.
     assert main([*args, "--thresholds", "0.9:0.5:0.1"]) == 2
