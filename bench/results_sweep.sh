@@ -89,7 +89,7 @@ for s in sweep["settings"]:
         p = sum(accs) / len(accs) / 100
         se = 100 * math.sqrt(p * (1 - p) / n)
         lines_honest.append(
-            f"- {s['name']}: MMLU accuracies span {min(accs):.1f}–{max(accs):.1f}% over {len(accs)} "
+            f"- {s['name']}: MMLU accuracies (micro) span {min(accs):.1f}–{max(accs):.1f}% over {len(accs)} "
             f"configurations on {n} questions; one standard error is about {se:.1f} points, so "
             f"differences under ~{2 * se:.0f} points are noise."
         )
