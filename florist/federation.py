@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from florist.aggregation import Adapter, GlobalResult, LoraFactors, get_aggregator
 from florist.checkpoint import CheckpointState, checkpoint_path, load_checkpoint, save_checkpoint
+from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
 from florist.config import ConfigError, RunConfig
 from florist.errors import FloristError
 from florist.io import atomic_directory, atomic_write_json
@@ -261,6 +262,45 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None
             )
 
 
+def round_entry(
+    rnd: int,
+    client_stats: dict[str, Any],
+    result: GlobalResult,
+    communication: dict[str, Any],
+    *,
+    aggregation_seconds: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """One round of ``metrics.json``, as ``florist run`` and the Flower server both write it."""
+    return {
+        "round": rnd,
+        "clients": list(client_stats),
+        "client_stats": client_stats,
+        "ranks": {n: int(r) for n, r in result.ranks.items()},
+        "singular_values": {
+            n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
+        },
+        "communication": communication,
+        "eff": float(paper_eff(result)),
+        "aggregation_seconds": aggregation_seconds,
+        "seconds": seconds,
+    }
+
+
+def run_totals(rounds: list[dict[str, Any]], final: Adapter) -> dict[str, Any]:
+    """The whole run's communication, Eff and global adapter ranks, from its rounds."""
+    eff_per_round = [r["eff"] for r in rounds]
+    return {
+        "communication_total": total_communication(rounds),
+        "eff_per_round": eff_per_round,
+        "eff_total": eff_over_rounds(eff_per_round),
+        "global_adapter": {
+            "ranks": {n: f.rank for n, f in final.items()},
+            "total_rank": sum(f.rank for f in final.values()),
+        },
+    }
+
+
 def _round_stats(results: dict[str, Any]) -> dict[str, Any]:
     return {
         cid: {
@@ -289,7 +329,6 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     and, with ``save_merged``, ``merged/``.
     """
     from florist import data
-    from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
     from florist.lora import LoraHost
     from florist.models import load_model
     from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A
@@ -412,24 +451,17 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
         server.broadcast(result)
         if result.merge:
             host.merge_into_base(server.merged[-1])
-        eff = float(paper_eff(result))
         stats = _round_stats(results)
-        metrics["rounds"].append(
-            {
-                "round": rnd,
-                "clients": list(results),
-                "client_stats": stats,
-                "ranks": {n: int(r) for n, r in result.ranks.items()},
-                "singular_values": {
-                    n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
-                },
-                "communication": communication,
-                "eff": eff,
-                "aggregation_seconds": aggregation_seconds,
-                "seconds": time.perf_counter() - round_started,
-                "rejected": [dataclasses.asdict(r) for r in rejected],
-            }
+        entry = round_entry(
+            rnd,
+            stats,
+            result,
+            communication,
+            aggregation_seconds=aggregation_seconds,
+            seconds=time.perf_counter() - round_started,
         )
+        metrics["rounds"].append(entry | {"rejected": [dataclasses.asdict(r) for r in rejected]})
+        eff = entry["eff"]
         save_checkpoint(
             out,
             CheckpointState(
@@ -448,13 +480,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     final = server.final_adapter()
     active = None if server.merged else final  # merged updates already live in the base
     metrics["eval_after"] = evaluate(host, tokenizer, active) if cfg.evaluate else {}
-    metrics["communication_total"] = total_communication(metrics["rounds"])
-    metrics["eff_per_round"] = [r["eff"] for r in metrics["rounds"]]
-    metrics["eff_total"] = eff_over_rounds(metrics["eff_per_round"])
-    metrics["global_adapter"] = {
-        "ranks": {n: f.rank for n, f in final.items()},
-        "total_rank": sum(f.rank for f in final.values()),
-    }
+    metrics.update(run_totals(metrics["rounds"], final))
     metrics["seconds"] = time.perf_counter() - started
     _write_outputs(cfg, out, server, final, host, tokenizer)
     atomic_write_json(out / "metrics.json", metrics)

@@ -407,18 +407,28 @@ def _sweep_one_round(
                 if progress:  # a line per configuration: the progress a log file keeps
                     tqdm.write(f"sweep {name} {len(rows)}/{total}: {_row_line(rows[-1])}")
         bar.close()
-        settings.append(
-            {
-                "name": name,
-                "heter": scfg.heter,
-                "client_ranks": {str(k): scfg.client_rank(k) for k in range(scfg.num_clients)},
-                "base_eval": base_eval,
-                "rows": rows,
-                "singular_values": singular_values,
-                "training_rounds": training,
-            }
-        )
+        settings.append(_setting(name, scfg, base_eval, rows, singular_values, training))
     return settings
+
+
+def _setting(
+    name: str,
+    scfg: RunConfig,
+    base_eval: dict[str, Any] | None,
+    rows: list[dict[str, Any]],
+    singular_values: dict[str, list[float]],
+    training: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One rank setting (homogeneous or heterogeneous) of ``sweep.json``."""
+    return {
+        "name": name,
+        "heter": scfg.heter,
+        "client_ranks": {str(k): scfg.client_rank(k) for k in range(scfg.num_clients)},
+        "base_eval": base_eval,
+        "rows": rows,
+        "singular_values": singular_values,
+        "training_rounds": training,
+    }
 
 
 def _row_line(row: dict[str, Any]) -> str:
@@ -488,17 +498,7 @@ def _sweep_rounds(
                     {"round": r["round"], "client_stats": r.get("client_stats", {})}
                     for r in metrics["rounds"]
                 ]
-        settings.append(
-            {
-                "name": name,
-                "heter": scfg.heter,
-                "client_ranks": {str(k): scfg.client_rank(k) for k in range(scfg.num_clients)},
-                "base_eval": base_eval,
-                "rows": rows,
-                "singular_values": sv,
-                "training_rounds": training,
-            }
-        )
+        settings.append(_setting(name, scfg, base_eval, rows, sv, training))
     note = (
         f"{cfg.num_communication_rounds} rounds: the methods diverge after round 1, so every configuration "
         f"(each method and each τ) was trained separately with run_federated; runs are under {runs_dir}."

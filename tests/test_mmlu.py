@@ -439,11 +439,11 @@ def test_generate_scorer_is_seeded_and_leaves_the_global_rng_alone() -> None:
 
 def test_letter_logits_are_float32_even_for_a_bfloat16_model_under_autocast() -> None:
     # bf16 logits near 10 are 0.06 apart: letters would tie and argmax would favour "A".
-    from florist.evaluation.mmlu import _Float32Head
+    from florist.evaluation.head import LMHead
 
     model, _tok = tiny_llama(seed=1)
     model.to(torch.bfloat16)
-    head = _Float32Head(model)
+    head = LMHead(model)
     hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 40
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = head(hidden.to(torch.bfloat16))

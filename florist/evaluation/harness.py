@@ -20,7 +20,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.errors import FloristError
-from florist.evaluation.mmlu import LETTERS, MMLUQuestion, build_prompt, stratified_sample, summarize
+from florist.evaluation.mmlu import LETTERS, MMLUQuestion, prepare_questions, summarize
 
 TASK = "florist_mmlu"
 
@@ -66,14 +66,9 @@ def evaluate_mmlu_lm_eval(
         raise FloristError(
             "lm-evaluation-harness is not installed: pip install 'florist[lmeval]' (or lm-eval)"
         ) from None
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if max_questions is not None:
-        questions = stratified_sample(questions, max_questions, seed)
-    if not questions:
-        raise ValueError("no MMLU questions to evaluate")
-    if kshot and dev is None:
-        raise ValueError("kshot > 0 needs the dev exemplars (load_mmlu_dev)")
+    questions, prompts = prepare_questions(
+        questions, batch_size=batch_size, seed=seed, max_questions=max_questions, kshot=kshot, dev=dev
+    )
 
     was_training = model.training
     model.eval()
@@ -82,11 +77,10 @@ def evaluate_mmlu_lm_eval(
         with tempfile.TemporaryDirectory(prefix="florist-lm-eval-") as tmp:
             docs = Path(tmp) / "questions.jsonl"
             with docs.open("w", encoding="utf-8") as f:
-                for q in questions:
-                    exemplars = dev[q.subject][:kshot] if kshot and dev else ()
+                for q, prompt in zip(questions, prompts):
                     # The harness puts the delimiter " " between the prompt and the letter.
-                    prompt = build_prompt(q, exemplars).rstrip(" ")
-                    f.write(json.dumps({"prompt": prompt, "answer": q.answer, "subject": q.subject}) + "\n")
+                    doc = {"prompt": prompt.rstrip(" "), "answer": q.answer, "subject": q.subject}
+                    f.write(json.dumps(doc) + "\n")
             (Path(tmp) / f"{TASK}.yaml").write_text(_task_yaml(docs), encoding="utf-8")
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             out = lm_eval.simple_evaluate(

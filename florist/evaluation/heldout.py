@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.data import IGNORE_INDEX, collate
 from florist.errors import FloristError
+from florist.evaluation.head import LMHead
 from florist.progress import bar_disabled
 
 # Positions per LM-head call: the vocabulary-sized logits are the memory hog, not the model.
@@ -76,8 +77,8 @@ def heldout_loss(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # Run the decoder, then the LM head only where a label is scored (not on prompt or padding).
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    # (In the model's dtype, as it has always been; MMLU's letters need the float32 head.)
+    decoder, head = model.get_decoder(), LMHead(model, float32=False)
 
     was_training = model.training
     model.eval()
@@ -96,9 +97,7 @@ def heldout_loss(
             keep = targets != IGNORE_INDEX
             states, targets = hidden[:, :-1][keep], targets[keep]
             for c in range(0, len(targets), HEAD_CHUNK):
-                logits = head(states[c : c + HEAD_CHUNK]).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = head(states[c : c + HEAD_CHUNK])
                 tgt = targets[c : c + HEAD_CHUNK]
                 total_loss += float(F.cross_entropy(logits, tgt, reduction="sum"))
                 total_correct += int((logits.argmax(-1) == tgt).sum())

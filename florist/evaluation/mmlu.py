@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.data import padded_width
 from florist.errors import FloristError
+from florist.evaluation.head import LMHead
 from florist.progress import bar_disabled
 
 LETTERS = ("A", "B", "C", "D")
@@ -373,31 +373,6 @@ def _prefix_cache(decoder: torch.nn.Module, prefix: list[int], device: torch.dev
     return decoder(input_ids=ids, use_cache=True).past_key_values
 
 
-class _Float32Head:
-    """The LM head in float32, whatever the model's dtype or autocast says.
-
-    In bfloat16, logits near 10 are 0.06 apart, so two letters often tie exactly and argmax
-    would favour "A"; one position per question makes float32 cheap here.
-    """
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        plain = type(self.head) is torch.nn.Linear  # not, e.g., a LoRA-wrapped head
-        self.weight = self.head.weight.float() if plain else None
-        self.bias = self.head.bias.float() if plain and self.head.bias is not None else None
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(hidden.device.type, enabled=False):
-            if self.weight is not None:
-                logits = F.linear(hidden.float(), self.weight, self.bias)
-            else:
-                logits = self.head(hidden).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
 def _suffix_batch(
     suffixes: Sequence[list[int]], prefix_len: int, pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -432,7 +407,7 @@ def loglik_letter_scores(
     encoded = _encode(tokenizer, contexts, max_length)
     device, pad = _device_of(model), _pad_id(tokenizer)
     letters = torch.tensor(letter_ids, device=device)
-    decoder, head = model.get_decoder(), _Float32Head(model)
+    decoder, head = model.get_decoder(), LMHead(model)
     scores = torch.empty((len(prompts), len(LETTERS)), dtype=torch.float32)
     members: dict[Hashable, list[int]] = defaultdict(list)
     for i, g in enumerate(groups if groups is not None else [None] * len(prompts)):
@@ -506,6 +481,32 @@ def generate_responses(
     return responses
 
 
+def prepare_questions(
+    questions: Sequence[MMLUQuestion],
+    *,
+    batch_size: int,
+    seed: int,
+    max_questions: int | None,
+    kshot: int,
+    dev: dict[str, list[MMLUQuestion]] | None,
+) -> tuple[Sequence[MMLUQuestion], list[str]]:
+    """Check the arguments, take the stratified sample, and build each question's prompt."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_questions is not None:
+        questions = stratified_sample(questions, max_questions, seed)
+    if not questions:
+        raise ValueError("no MMLU questions to evaluate")
+    if kshot:
+        if dev is None:
+            raise ValueError("kshot > 0 needs the dev exemplars (load_mmlu_dev)")
+        missing = sorted({q.subject for q in questions} - {s for s, v in dev.items() if len(v) >= kshot})
+        if missing:
+            raise FloristError(f"fewer than {kshot} dev exemplars for subject(s) {', '.join(missing[:5])}")
+    prompts = [build_prompt(q, dev[q.subject][:kshot] if kshot and dev else ()) for q in questions]
+    return questions, prompts
+
+
 def evaluate_mmlu(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -529,19 +530,9 @@ def evaluate_mmlu(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if max_questions is not None:
-        questions = stratified_sample(questions, max_questions, seed)
-    if not questions:
-        raise ValueError("no MMLU questions to evaluate")
-    if kshot:
-        if dev is None:
-            raise ValueError("kshot > 0 needs the dev exemplars (load_mmlu_dev)")
-        missing = sorted({q.subject for q in questions} - {s for s, v in dev.items() if len(v) >= kshot})
-        if missing:
-            raise FloristError(f"fewer than {kshot} dev exemplars for subject(s) {', '.join(missing[:5])}")
-    prompts = [build_prompt(q, dev[q.subject][:kshot] if kshot and dev else ()) for q in questions]
+    questions, prompts = prepare_questions(
+        questions, batch_size=batch_size, seed=seed, max_questions=max_questions, kshot=kshot, dev=dev
+    )
     if max_length is None:
         # Keep prompts (and, for generate, the sampled tokens) within the model's context.
         limit = getattr(model.config, "max_position_embeddings", None)

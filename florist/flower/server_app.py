@@ -98,7 +98,7 @@ def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[st
 def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
     """The whole server side of a Flower run; returns the metrics it also writes."""
     from florist.checkpoint import load_checkpoint
-    from florist.comm import eff_over_rounds, total_communication
+    from florist.federation import run_totals
     from florist.io import atomic_write_json
 
     cfg.validate()
@@ -151,13 +151,7 @@ def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dic
         metrics["eval_after"] = evaluate(None if strategy.server.merged else final)
     else:
         metrics["eval_after"] = {}
-    metrics["communication_total"] = total_communication(metrics["rounds"])
-    metrics["eff_per_round"] = [r["eff"] for r in metrics["rounds"]]
-    metrics["eff_total"] = eff_over_rounds(metrics["eff_per_round"])
-    metrics["global_adapter"] = {
-        "ranks": {n: f.rank for n, f in final.items()},
-        "total_rank": sum(f.rank for f in final.values()),
-    }
+    metrics.update(run_totals(metrics["rounds"], final))
     metrics["wire_total"] = {
         key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
         for key in ("params_up", "bytes_up", "params_down", "bytes_down")

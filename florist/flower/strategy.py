@@ -289,7 +289,8 @@ class FloristStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from florist.checkpoint import CheckpointState, save_checkpoint
-        from florist.comm import paper_eff, round_communication
+        from florist.comm import round_communication
+        from florist.federation import round_entry
 
         rnd = server_round + self.round_offset
         updates: dict[int, ClientUpdate] = {}
@@ -344,21 +345,15 @@ class FloristStrategy(FedAvg):
         communication = round_communication(result, ordered, wire_dtype=self.wire_dtype)
         self.server.broadcast(result)
         self.last_result = result
-        eff = float(paper_eff(result))
-        entry = {
-            "round": rnd,
-            "clients": [u.client_id for u in ordered],
-            "client_stats": {u.client_id: stats[u.client_id] for u in ordered},
-            "ranks": {n: int(r) for n, r in result.ranks.items()},
-            "singular_values": {
-                n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
-            },
-            "communication": communication,
-            "eff": eff,
-            "aggregation_seconds": aggregation_seconds,
-            "seconds": time.perf_counter() - self._round_started,
-            "wire": {"clients": {}, "total": _counter()},
-        }
+        entry = round_entry(
+            rnd,
+            {u.client_id: stats[u.client_id] for u in ordered},
+            result,
+            communication,
+            aggregation_seconds=aggregation_seconds,
+            seconds=time.perf_counter() - self._round_started,
+        ) | {"wire": {"clients": {}, "total": _counter()}}
+        eff = entry["eff"]
         self.metrics["rounds"].append(entry)
         for client, arrays in uploads.items():
             if client in entry["client_stats"]:
