@@ -200,9 +200,7 @@ def main() -> None:
             "k": args.kshot,
             "subjects": len(subjects),
             # float32: in bfloat16 the two summation orders round apart and flip close calls.
-            "shared": timed(
-                model, tokenizer, csv_questions, "loglik", args.batch_size, "float32", **options
-            ),
+            "shared": timed(model, tokenizer, csv_questions, "loglik", args.batch_size, "float32", **options),
             "recomputed": timed(
                 model,
                 tokenizer,

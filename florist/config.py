@@ -45,6 +45,7 @@ class RunConfig:
     cutoff_len: int = 512
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF  # batch widths; 1 pads to the longest example only
     train_on_inputs: bool = True
+    packing: bool = True  # padding-free micro-batches (florist.packing); same loss, less compute
     group_by_length: bool = True
     prompt_template_name: str = "alpaca"
     # LoRA
@@ -88,7 +89,9 @@ class RunConfig:
         if self.num_clients <= 0:
             raise ConfigError(f"num_clients must be positive, got {self.num_clients}")
         if self.num_communication_rounds <= 0:
-            raise ConfigError(f"num_communication_rounds must be positive, got {self.num_communication_rounds}")
+            raise ConfigError(
+                f"num_communication_rounds must be positive, got {self.num_communication_rounds}"
+            )
         if not (0.0 < self.client_selection_frac <= 1.0):
             raise ConfigError(f"client_selection_frac must be in (0, 1], got {self.client_selection_frac}")
         if self.lora_r <= 0:
@@ -159,7 +162,11 @@ def method_from_paper_flags(
     The paper's README passes ``--zero_padding True`` next to ``--florist True`` in the
     heterogeneous runs, so the specific methods take precedence over zero-padding.
     """
-    chosen = [name for name, on in (("florist", florist), ("flora", flora or stacking), ("flexlora", flex), ("ffa", ffa)) if on]
+    chosen = [
+        name
+        for name, on in (("florist", florist), ("flora", flora or stacking), ("flexlora", flex), ("ffa", ffa))
+        if on
+    ]
     if len(chosen) > 1:
         raise ConfigError(f"choose one aggregation method, got {' and '.join(chosen)}")
     if chosen:

@@ -10,6 +10,7 @@ one shared model, and the loop must be exactly reproducible and cheap to start.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -26,6 +27,14 @@ from florist.config import RunConfig
 from florist.data import IGNORE_INDEX, PAD_TO_MULTIPLE_OF, collate
 from florist.lora import LoraHost
 from florist.models import autocast_dtype
+from florist.packing import (
+    PackedBatch,
+    head_loss,
+    pack,
+    packed_attention,
+    packed_hidden_states,
+    supports_packing,
+)
 from florist.progress import bar_disabled
 
 MEGA_BATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort within 50 micro-batches
@@ -79,6 +88,11 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0  # HF Trainer's default, which the paper's code used
     lr_scheduler: str = "linear"  # linear decay to 0 (HF default) | constant
+    packing: bool = True  # padding-free micro-batches (florist.packing) where the model allows
+    # Frozen nn.Linear weights as bf16 copies while training under bf16 autocast (the same
+    # rounding autocast does on every call, done once per client). None: on the CPU only,
+    # where memory is plentiful and the casts cost ~10% of a step.
+    cast_frozen_weights: bool | None = None
     progress: bool | None = None  # None: florist.progress's rule (a terminal, FLORIST_PROGRESS != 0)
 
     def __post_init__(self) -> None:
@@ -118,6 +132,7 @@ class TrainConfig:
             cutoff_len=cfg.cutoff_len,
             pad_to_multiple_of=cfg.pad_to_multiple_of,
             train_on_inputs=cfg.train_on_inputs,
+            packing=cfg.packing,
         )
 
 
@@ -166,11 +181,44 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over label tokens of the next-token cross-entropy, in fp32."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    """Sum over label tokens of the next-token cross-entropy, in fp32 (or fp64)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).to(dtype)
     return F.cross_entropy(
         shift_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: PackedBatch | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed label-token loss of one micro-batch; the LM head runs on label positions only."""
+    if isinstance(batch, PackedBatch):
+        return head_loss(model, packed_hidden_states(model, batch), batch.targets)
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    return head_loss(model, hidden[:, :-1][keep], targets[keep])
+
+
+@contextlib.contextmanager
+def frozen_linears_as(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Swap every frozen ``nn.Linear`` weight for a ``dtype`` copy; the originals come back after.
+
+    Under autocast a frozen weight is cast again on every call (autocast caches only weights
+    that require grad); casting once per client gives the same numbers without that work.
+    """
+    swapped = []
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and not w.requires_grad and w.dtype != dtype:
+            swapped.append((module, w))
+            module.weight = torch.nn.Parameter(w.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, w in swapped:
+            module.weight = w
 
 
 def _check_examples(examples: list[dict], client_id: str, vocab_size: int) -> list[int]:
@@ -278,29 +326,31 @@ class LocalTrainer:
             disable=bar_disabled(self.cfg.progress),
         )
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        packed = cfg.packing and supports_packing(model)
+        cast = cfg.cast_frozen_weights if cfg.cast_frozen_weights is not None else self.device.type == "cpu"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            if packed:
+                stack.enter_context(packed_attention(model))
+            if cast and self.autocast is not None:
+                stack.enter_context(frozen_linears_as(model, self.autocast))
             torch.manual_seed(dropout_seed)
             for _step in range(total):
-                micro_batches = [
-                    collate([examples[i] for i in mb], self.pad_token_id, cfg.cutoff_len, cfg.pad_to_multiple_of)
-                    for mb in next(batches)
-                ]
+                micro_batches = [self._batch([examples[i] for i in mb], packed) for mb in next(batches)]
                 # Mean over every label token of the optimizer batch, so that accumulating
                 # micro-batches gives exactly the full-batch gradient.
-                n_label = max(1, sum(count_label_tokens(b["labels"]) for b in micro_batches))
+                n_label = max(1, sum(_label_count(b) for b in micro_batches))
                 step_loss = 0.0
                 for b in micro_batches:
-                    b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                     with torch.autocast(
                         self.device.type,
                         dtype=self.autocast or torch.float32,
                         enabled=self.autocast is not None,
                     ):
-                        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss = summed_loss(logits, b["labels"]) / n_label
+                        loss = micro_batch_loss(model, b) / n_label
                     loss.backward()
                     step_loss += float(loss.detach())
-                    tokens += int(b["attention_mask"].sum())
+                    tokens += b.tokens if isinstance(b, PackedBatch) else int(b["attention_mask"].sum())
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(
                         f"client {client_id!r}: loss is {step_loss} at step {len(losses) + 1}"
@@ -318,3 +368,16 @@ class LocalTrainer:
         return ClientResult(
             update=update, losses=losses, steps=total, tokens=tokens, seconds=time.perf_counter() - start
         )
+
+    def _batch(self, examples: list[dict], packed: bool) -> PackedBatch | dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if packed:
+            return pack(examples, self.pad_token_id, cfg.cutoff_len, cfg.pad_to_multiple_of).to(self.device)
+        b = collate(examples, self.pad_token_id, cfg.cutoff_len, cfg.pad_to_multiple_of)
+        return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+
+
+def _label_count(batch: PackedBatch | dict[str, torch.Tensor]) -> int:
+    if isinstance(batch, PackedBatch):
+        return len(batch.targets)
+    return count_label_tokens(batch["labels"])

@@ -39,5 +39,7 @@ def available_methods() -> list[str]:
 def get_aggregator(name: str, *, dtype: torch.dtype = torch.float64, **options: object) -> Aggregator:
     """Build a registered method by name, e.g. ``get_aggregator("florist", threshold=0.9)``."""
     if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregation method {name!r}; choose one of {', '.join(available_methods())}")
+        raise ValueError(
+            f"unknown aggregation method {name!r}; choose one of {', '.join(available_methods())}"
+        )
     return AGGREGATORS[name](dtype=dtype, **options)

@@ -1,0 +1,77 @@
+"""Confidence intervals for held-out losses: percentile bootstrap over records.
+
+A held-out loss is a token-weighted mean, Σ_r loss_r / Σ_r tokens_r over records r (each record
+contributes the summed loss of its scored tokens). Records, not tokens, are the independent
+units, so the bootstrap resamples records and recomputes that same ratio. Differences between two
+models evaluated on the same records are paired: each resample takes the same records for both,
+which removes the between-record variance that the two share (most of it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+RESAMPLES = 4000
+LEVEL = 0.95
+
+
+def _resample_indices(n: int, resamples: int, seed: int) -> torch.Tensor:
+    if n <= 0:
+        raise ValueError("bootstrap needs at least one record")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (resamples, n), generator=g)
+
+
+def _percentiles(values: torch.Tensor, level: float) -> tuple[float, float]:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    alpha = (1.0 - level) / 2.0
+    low, high = torch.quantile(values, torch.tensor([alpha, 1.0 - alpha], dtype=values.dtype))
+    return float(low), float(high)
+
+
+def _as_tensor(values: Sequence[float]) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if t.ndim != 1 or not bool(torch.isfinite(t).all()):
+        raise ValueError("per-record values must be a finite 1-D sequence")
+    return t
+
+
+def weighted_mean(loss_sums: Sequence[float], tokens: Sequence[float]) -> float:
+    return float(_as_tensor(loss_sums).sum() / _as_tensor(tokens).sum())
+
+
+def bootstrap_ci(
+    loss_sums: Sequence[float],
+    tokens: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The ``level`` percentile-bootstrap interval of Σ loss / Σ tokens, resampling records."""
+    losses, weights = _as_tensor(loss_sums), _as_tensor(tokens)
+    if losses.shape != weights.shape:
+        raise ValueError(f"{len(losses)} loss sums but {len(weights)} token counts")
+    idx = _resample_indices(len(losses), resamples, seed)
+    return _percentiles(losses[idx].sum(1) / weights[idx].sum(1), level)
+
+
+def paired_bootstrap_ci(
+    loss_sums_a: Sequence[float],
+    loss_sums_b: Sequence[float],
+    tokens: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Interval of mean_a - mean_b (token-weighted) for two models scored on the same records."""
+    a, b, weights = _as_tensor(loss_sums_a), _as_tensor(loss_sums_b), _as_tensor(tokens)
+    if not (a.shape == b.shape == weights.shape):
+        raise ValueError("paired bootstrap: both models must be scored on the same records")
+    idx = _resample_indices(len(a), resamples, seed)
+    total = weights[idx].sum(1)
+    return _percentiles((a[idx].sum(1) - b[idx].sum(1)) / total, level)
