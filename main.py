@@ -9,7 +9,8 @@ The flags are those of the authors' ``main.py`` (fire), so their README commands
 The method switches (--florist, --stacking/--flora, --flex, --ffa, --fedit, --zero_padding) pick
 the aggregation via ``florist.config.method_from_paper_flags``. Full fine-tuning (--full) and
 AdaLoRA (--Adalora) are not supported. Our additions: --max_samples_per_client, --eval_samples,
---seed, --local_max_steps. The equivalent florist command is ``florist run``.
+--seed, --local_max_steps, --client_init (shared | per_client; default: the method's, as in the
+authors' code). The equivalent florist command is ``florist run``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def build_config(
     eval_samples: int | None = None,
     seed: int = 42,
     local_max_steps: int | None = None,
+    client_init: Any = None,
 ) -> RunConfig:
     """The RunConfig for the paper's flags; unsupported combinations raise ConfigError."""
     if as_bool(full, "full"):
@@ -162,6 +164,7 @@ def build_config(
         eval_samples=None if eval_samples is None else int(eval_samples),
         dev_data_path=None if dev_data_path in (None, "") else str(dev_data_path),
         resume=resume,
+        client_init=None if client_init in (None, "", "None", "auto") else str(client_init),
     ).validate()
 
 

@@ -16,6 +16,7 @@ from florist.data import PAD_TO_MULTIPLE_OF
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HETER_RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+CLIENT_INITS = ("shared", "per_client")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class RunConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     heter: bool = False
     local_ranks: list[int] = field(default_factory=lambda: list(DEFAULT_HETER_RANKS))
+    # shared | per_client; None: the method's default, as in the authors' code (docs/methods.md)
+    client_init: str | None = None
     # numerics and hardware
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -81,9 +84,33 @@ class RunConfig:
         # The paper's heterogeneous setting uses alpha = 2 r_k.
         return 2.0 * self.client_rank(client_index) if self.heter else float(self.lora_alpha)
 
+    def resolved_client_init(self) -> str:
+        """How round r's clients draw their fresh LoRA: "shared" or "per_client"."""
+        from florist.aggregation import AGGREGATORS
+
+        return self.client_init or AGGREGATORS[self.method].client_init
+
+    def shared_init_rank(self) -> int | None:
+        """The rank of the one init the clients of a round share (the largest client rank), or
+        None when each client draws its own."""
+        if self.resolved_client_init() != "shared":
+            return None
+        return max(self.client_rank(k) for k in range(self.num_clients))
+
     def validate(self) -> RunConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.client_init not in (None, *CLIENT_INITS):
+            raise ConfigError(f"client_init must be shared or per_client, got {self.client_init!r}")
+        if self.client_init is not None:
+            from florist.aggregation import AGGREGATORS
+
+            allowed = AGGREGATORS[self.method].client_inits
+            if self.client_init not in allowed:
+                raise ConfigError(
+                    f"{self.method} needs client_init {' or '.join(allowed)}: its frozen A is drawn once "
+                    f"from the seed and shared by every client, so client_init {self.client_init} does not apply"
+                )
         if not (0.0 < float(self.threshold) <= 1.0):
             raise ConfigError(f"threshold (tau) must be in (0, 1], got {self.threshold}")
         if self.num_clients <= 0:

@@ -13,7 +13,9 @@ One base model lives in memory; every client is the same model with a different 
 
 After each round an atomic checkpoint is written (``florist.checkpoint``) so ``resume`` continues
 exactly where a killed run stopped. Rounds are numbered from 1, and round ``r`` of client ``k``
-draws its randomness from ``client_generator(seed, r, k)``, as on a Flower SuperNode.
+draws its randomness from ``client_generator(seed, r, k)`` and its fresh LoRA from
+``init_generator`` (one draw per round shared by all clients under ``client_init="shared"``,
+one per client under ``"per_client"``), as on a Flower SuperNode.
 
 The final global adapter goes to ``<output_dir>/adapter/`` as a standard PEFT directory:
 
@@ -391,7 +393,8 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
 
     # FFA: one frozen A for all clients and rounds; client k trains against its first r_k rows.
     r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
-    frozen_A = ffa_frozen_A(cfg.seed, host.module_shapes, r_max) if cfg.method == "ffa" else None
+    frozen_A = ffa_frozen_A(cfg.seed, host.module_shapes, r_max) if aggregator.frozen_A else None
+    shared_init_rank = cfg.shared_init_rank()
 
     server = ServerState()
     if resumed is not None:
@@ -408,6 +411,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
             "config": cfg.to_dict(),
             "method": cfg.method,
             "threshold": cfg.threshold if cfg.method == "florist" else None,
+            "client_init": cfg.resolved_client_init(),
             "model": cfg.global_model,
             "rounds": [],
             "eval_before": evaluate(host, tokenizer, None) if cfg.evaluate else {},
@@ -435,6 +439,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
                 init=init,
                 seed=cfg.seed,
                 frozen_A={n: A[:rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
+                shared_init_rank=shared_init_rank,
             )
         # Uploads are untrusted: a bad one is logged and left out while min_clients remain.
         updates, rejected = screen_updates(
@@ -495,14 +500,16 @@ def _continuation(server: ServerState, host: Any, cfg: RunConfig, rnd: int, k: i
     and zero columns of B, which leaves the update unchanged and keeps the new directions
     trainable. None in round 1: a fresh LoRA.
     """
-    from florist.training import client_generator
+    from florist.training import init_generator
 
     init = server.continuation(client_id(k))
     rank = cfg.client_rank(k)
     if init is None:
         return None
     if min(f.rank for f in init.values()) < rank:
-        host.install(rank, cfg.client_alpha(k), generator=client_generator(cfg.seed, rnd, k))
+        shared = cfg.shared_init_rank()
+        generator = init_generator(cfg.seed, rnd, k, shared=shared is not None)
+        host.install(rank, cfg.client_alpha(k), generator=generator, init_rank=shared)
         fresh = host.extract()
         host.remove()
         init = pad_adapter(init, fresh)

@@ -139,11 +139,14 @@ class LoraHost:
         init: Adapter | None = None,
         generator: torch.Generator | None = None,
         frozen_A: dict[str, torch.Tensor] | None = None,
+        init_rank: int | None = None,
     ) -> None:
         """Put a LoRA of ``rank`` and scaling ``alpha / rank`` in the slot (replacing any there).
 
         Fresh: A is Kaiming-uniform (a=sqrt(5), as peft) drawn from ``generator`` in module
-        order, B = 0. With ``init``: A and B are copied and B is rescaled by
+        order, B = 0; with ``init_rank`` each module draws ``init_rank`` rows and keeps the first
+        ``rank`` (the bound depends only on the input size), so clients of different ranks that
+        share a generator share their init up to their own rank. With ``init``: A and B are copied and B is rescaled by
         ``init.scaling / (alpha / rank)`` so the effective update equals init's. With
         ``frozen_A`` (FFA-LoRA): A is the first ``rank`` rows of ``frozen_A[name]`` and is frozen.
         """
@@ -151,6 +154,8 @@ class LoraHost:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+        if init_rank is not None and init_rank < rank:
+            raise ValueError(f"init_rank {init_rank} is below the LoRA rank {rank}")
         shapes = self.module_shapes
         if init is not None:
             self._check_adapter(init, "init adapter", rank=rank)
@@ -190,9 +195,9 @@ class LoraHost:
                 elif init is not None:
                     A.copy_(init[name].A)
                 else:
-                    fresh = torch.empty(A.shape, dtype=torch.float32)
+                    fresh = torch.empty(init_rank or rank, A.shape[1], dtype=torch.float32)
                     nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-                    A.copy_(fresh)
+                    A.copy_(fresh[:rank])
                 if init is not None:
                     ratio = float(init[name].scaling) / scaling
                     src = init[name].B

@@ -49,8 +49,12 @@ METHOD_COLORS = {
 }
 
 
-SCORE_SOURCES = ("auto", "mmlu", "heldout")
-SCORE_NAMES = {"mmlu": "MMLU acc. (macro, %)", "heldout": "held-out token acc. (%)"}
+SCORE_SOURCES = ("auto", "mmlu", "heldout", "loss")
+SCORE_NAMES = {
+    "mmlu": "MMLU acc. (macro, %)",
+    "heldout": "held-out token acc. (%)",
+    "loss": "held-out loss (nats)",
+}
 
 
 class ReportError(FloristError, ValueError):
@@ -105,7 +109,8 @@ def eval_score(evaluation: dict[str, Any] | None, prefer: str = "auto") -> tuple
     """The headline score of an evaluation dict, in percent, as (name, value); None if absent.
 
     ``prefer="auto"``: MMLU macro accuracy (the paper's number) when MMLU ran, else held-out
-    response-token accuracy. ``"mmlu"`` or ``"heldout"``: only that one.
+    response-token accuracy. ``"mmlu"`` or ``"heldout"``: only that one. ``"loss"``: the held-out
+    loss in nats (not a percentage; lower is better).
     """
     if prefer not in SCORE_SOURCES:
         raise ValueError(f"score source must be one of {', '.join(SCORE_SOURCES)}, got {prefer!r}")
@@ -115,6 +120,8 @@ def eval_score(evaluation: dict[str, Any] | None, prefer: str = "auto") -> tuple
     if prefer in ("auto", "mmlu") and mmlu.get("accuracy_macro") is not None:
         return SCORE_NAMES["mmlu"], 100.0 * float(mmlu["accuracy_macro"])
     heldout = evaluation.get("heldout") or {}
+    if prefer == "loss":
+        return (SCORE_NAMES["loss"], float(heldout["loss"])) if heldout.get("loss") is not None else None
     if prefer in ("auto", "heldout") and heldout.get("token_accuracy") is not None:
         return SCORE_NAMES["heldout"], 100.0 * float(heldout["token_accuracy"])
     return None
@@ -159,6 +166,7 @@ def _accuracy_panels(
     title: str,
     score_name: str,
     base_score: float | None,
+    higher_is_better: bool = True,
 ) -> None:
     """Two panels for one set of points: accuracy vs Eff (higher is better) and vs bytes (lower)."""
     panels = [
@@ -206,7 +214,7 @@ def _accuracy_panels(
                     label=p["label"],
                     zorder=3,
                 )
-        front = pareto_front(xs, ys, maximize_x=maximize_x)
+        front = pareto_front(xs, ys, maximize_x=maximize_x, maximize_y=higher_is_better)
         if front:
             fx, fy = [xs[i] for i in front], [ys[i] for i in front]
             ax.plot(fx, fy, "--", color="black", lw=0.8)
@@ -223,7 +231,7 @@ def _accuracy_panels(
             ax.legend(fontsize=7, loc="best")
 
 
-def accuracy_figure(groups: list[dict[str, Any]], score_name: str) -> Figure:
+def accuracy_figure(groups: list[dict[str, Any]], score_name: str, higher_is_better: bool = True) -> Figure:
     """groups: [{"title", "points": [{"label","accuracy","eff_e4","mb_per_client",...}], "base"}]."""
     fig = Figure(figsize=(11, 4.4 * len(groups)), layout="constrained")
     for row, g in enumerate(groups):
@@ -235,8 +243,11 @@ def accuracy_figure(groups: list[dict[str, Any]], score_name: str) -> Figure:
             title=g["title"],
             score_name=score_name,
             base_score=g.get("base"),
+            higher_is_better=higher_is_better,
         )
-    fig.suptitle("Accuracy against communication", fontsize=12)
+    fig.suptitle(
+        ("Accuracy" if higher_is_better else "Held-out loss") + " against communication", fontsize=12
+    )
     return fig
 
 
@@ -508,7 +519,8 @@ def _sweep_report(sweep: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
             md += [f"## {name}", "", s["table_markdown"], ""]
     figures: dict[str, bytes] = {}
     if groups:
-        figures["accuracy_vs_communication.png"] = _png(accuracy_figure(groups, score_name))
+        higher = bool((sweep.get("score") or {}).get("higher_is_better", True))
+        figures["accuracy_vs_communication.png"] = _png(accuracy_figure(groups, score_name, higher))
     if energy_panels:
         figures["energy_curves.png"] = _png(energy_figure(energy_panels))
     if heat_panels:

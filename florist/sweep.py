@@ -1,13 +1,21 @@
 """One local training, many aggregations: the paper's comparison table in one command.
 
-In round 1 every method starts from the same base model and, because each client's fresh LoRA
-comes from ``client_generator(seed, round, client)``, from the same client initialisations. So
-for a one-round sweep the clients are trained ONCE per rank setting and the very same client
-adapters are aggregated by every method and every τ of FLoRIST:
+In round 1 every method starts from the same base model, and a client's training depends on the
+method only through two declarations of the method (``florist.aggregation``): how the clients
+draw their fresh LoRA (``client_init``: one init shared by the round, or one per client) and
+whether A is frozen (FFA-LoRA). So for a one-round sweep the clients are trained ONCE per
+training group, a distinct (rank setting, client init, frozen A), and the very same client
+adapters are aggregated by every method and every τ of that group. With the methods' defaults
+(the authors' code) and both rank settings that is:
 
-* homogeneous ranks (``lora_r``):        FedIT, FLoRA, FlexLoRA, FLoRIST(τ) for every τ;
-* heterogeneous ranks (``local_ranks``): zero-padding, FLoRA, FlexLoRA, FLoRIST(τ);
-* FFA-LoRA trains differently (A frozen at a shared init), so its clients are trained again.
+* homogeneous ranks (``lora_r``): per-client inits for FLoRA, FlexLoRA, FLoRIST(τ); one shared
+  init for FedIT; FFA-LoRA's frozen shared A;
+* heterogeneous ranks (``local_ranks``): per-client inits for zero-padding, FLoRA, FlexLoRA,
+  FLoRIST(τ); FFA-LoRA.
+
+``client_init`` overrides the defaults: "shared" or "per_client" for every method that allows
+it (FFA-LoRA's A is shared by construction), or "both" to run every method under each init it
+allows, e.g. FLoRIST with shared and with per-client inits, which the paper never compares.
 
 Each global update is evaluated on base + update without merging (``LoraHost.use_adapter``),
 which is what the clients of the merge methods (FLoRA, FLoRIST) hold after the round. What is
@@ -21,10 +29,11 @@ evaluated per method:
 With more than one round the methods diverge after round 1, so every configuration is trained
 separately with ``florist.federation.run_federated`` (the output says so).
 
-FLoRIST-O is the τ with the best accuracy (ties: higher Eff, then smaller τ). FLoRIST-E is the
-τ with the highest Eff whose accuracy is at least FLoRIST-O's minus ``e_tolerance`` points
-(ties: higher accuracy, then smaller τ). "Accuracy" is MMLU macro accuracy in percent when MMLU
-was evaluated, otherwise held-out response-token accuracy in percent.
+FLoRIST-O is the τ with the best score (ties: higher Eff, then smaller τ). FLoRIST-E is the τ
+with the highest Eff whose score is within ``e_tolerance`` of FLoRIST-O's (ties: better score,
+then smaller τ). The score is MMLU macro accuracy in percent when MMLU was evaluated, otherwise
+held-out response-token accuracy in percent, or with ``select_by="loss"`` the held-out loss in
+nats (lower is better), the sensitive choice when MMLU sits near chance.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ SWEEP_METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
 HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist")
 HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist")
 DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
+SWEEP_CLIENT_INITS = ("auto", "shared", "per_client", "both")
+DEFAULT_LOSS_TOLERANCE = 0.005  # nats: FLoRIST-E's allowance when τ is chosen on held-out loss
 ModelFactory = Callable[[], tuple[Any, Any]]
 
 
@@ -105,29 +116,45 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 # --- FLoRIST-O / -E and the table -----------------------------------------------------------
 
 
-def select_florist(rows: Sequence[dict[str, Any]], *, e_tolerance: float = 1.0) -> tuple[dict, dict] | None:
-    """(FLoRIST-O, FLoRIST-E) among per-τ rows with "threshold", "accuracy" (%) and "eff".
+def select_florist(
+    rows: Sequence[dict[str, Any]], *, e_tolerance: float = 1.0, higher_is_better: bool = True
+) -> tuple[dict, dict] | None:
+    """(FLoRIST-O, FLoRIST-E) among per-τ rows with "threshold", "accuracy" (the score) and "eff".
 
-    None when no row has an accuracy (evaluation was off).
+    The score is an accuracy in % (higher is better) or a loss (``higher_is_better=False``).
+    None when no row has a score (evaluation was off).
     """
     if e_tolerance < 0:
-        raise ValueError(f"e_tolerance must be >= 0 accuracy points, got {e_tolerance}")
+        raise ValueError(f"e_tolerance must be >= 0, got {e_tolerance}")
+    sign = 1.0 if higher_is_better else -1.0
     scored = [r for r in rows if r.get("accuracy") is not None and not math.isnan(float(r["accuracy"]))]
     if not scored:
         return None
-    best = max(scored, key=lambda r: (float(r["accuracy"]), float(r["eff"]), -float(r["threshold"])))
-    floor = float(best["accuracy"]) - float(e_tolerance)
-    eligible = [r for r in scored if float(r["accuracy"]) >= floor - 1e-9]
-    efficient = max(eligible, key=lambda r: (float(r["eff"]), float(r["accuracy"]), -float(r["threshold"])))
+
+    def good(r: dict[str, Any]) -> float:
+        return sign * float(r["accuracy"])
+
+    best = max(scored, key=lambda r: (good(r), float(r["eff"]), -float(r["threshold"])))
+    eligible = [r for r in scored if good(r) >= good(best) - float(e_tolerance) - 1e-9]
+    efficient = max(eligible, key=lambda r: (float(r["eff"]), good(r), -float(r["threshold"])))
     return best, efficient
 
 
 def setting_table(setting: dict[str, Any]) -> list[dict[str, Any]]:
     """The paper-style rows of one rank setting: every baseline, then FLoRIST-O and FLoRIST-E."""
-    table = [dict(r, name=METHOD_LABELS[r["method"]]) for r in setting["rows"] if r["method"] != "florist"]
+
+    def init_note(row: dict[str, Any]) -> str:  # " (shared init)" when the method ran under both
+        label = str(row.get("label", ""))
+        return label[label.rindex(" (") :] if label.endswith(" init)") else ""
+
+    table = [
+        dict(r, name=METHOD_LABELS[r["method"]] + init_note(r))
+        for r in setting["rows"]
+        if r["method"] != "florist"
+    ]
     for key, suffix in (("florist_o", "O"), ("florist_e", "E")):
         if setting.get(key):
-            table.append(dict(setting[key], name=f"FLoRIST-{suffix}"))
+            table.append(dict(setting[key], name=f"FLoRIST-{suffix}" + init_note(setting[key])))
     if not setting.get("florist_o"):  # no evaluation: list the τ grid instead
         table += [dict(r, name=r["label"]) for r in setting["rows"] if r["method"] == "florist"]
     return table
@@ -143,7 +170,7 @@ def table_markdown(
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt_acc(v: Any) -> str:
-        return "—" if v is None else f"{float(v):.2f}"
+        return "—" if v is None else f"{float(v):.4f}" if score_source == "loss" else f"{float(v):.2f}"
 
     if base is not None:
         cells = [
@@ -183,7 +210,11 @@ def finish_setting(
         if r.get("eval") is not None or "accuracy" not in r:
             score = eval_score(r.get("eval"), score_source)
             r["accuracy"] = score[1] if score else None
-    picked = select_florist([r for r in setting["rows"] if r["method"] == "florist"], e_tolerance=e_tolerance)
+    picked = select_florist(
+        [r for r in setting["rows"] if r["method"] == "florist"],
+        e_tolerance=e_tolerance,
+        higher_is_better=score_source != "loss",
+    )
     setting["florist_o"], setting["florist_e"] = picked if picked else (None, None)
     setting["table"] = setting_table(setting)
     setting["table_markdown"] = table_markdown(
@@ -239,28 +270,56 @@ def make_row(
 # --- the one-round engine ------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingGroup:
+    """Clients trained once and aggregated by every method of the group."""
+
+    client_init: str  # shared | per_client
+    frozen_A: bool  # FFA-LoRA
+    methods: tuple[str, ...]
+
+
+def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[TrainingGroup]:
+    """The distinct trainings the methods need under ``client_init`` (auto | shared | per_client | both)."""
+    from florist.aggregation import AGGREGATORS
+
+    if client_init not in SWEEP_CLIENT_INITS:
+        raise ConfigError(f"client_init must be one of {', '.join(SWEEP_CLIENT_INITS)}, got {client_init!r}")
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for method in methods:
+        cls = AGGREGATORS[method]
+        if client_init == "both":
+            inits = list(cls.client_inits)
+        elif client_init in cls.client_inits:
+            inits = [client_init]
+        else:  # "auto", or an override the method cannot take (FFA-LoRA's shared A)
+            inits = [cls.client_init]
+        for init in inits:
+            groups.setdefault((init, cls.frozen_A), []).append(method)
+    order = sorted(groups, key=lambda key: (key[1], key[0] != "per_client"))
+    return [TrainingGroup(init, frozen, tuple(groups[(init, frozen)])) for init, frozen in order]
+
+
 def train_clients(
     host: Any,
     trainer: Any,
     cfg: RunConfig,
     client_examples: Sequence[list[dict]],
     *,
-    ffa: bool = False,
+    frozen_A: bool = False,
+    client_init: str = "per_client",
     progress: bool = True,
 ) -> list[Any]:
     """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg."""
     from florist.federation import client_id, sample_clients
     from florist.training import ffa_frozen_A
 
-    frozen = None
-    if ffa:
-        r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
-        frozen = ffa_frozen_A(cfg.seed, host.module_shapes, r_max)
+    r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
+    frozen = ffa_frozen_A(cfg.seed, host.module_shapes, r_max) if frozen_A else None
     results = []
-    clients = sample_clients(cfg, 1)
     for k in tqdm(
-        clients,
-        desc="training clients" + (" (FFA)" if ffa else ""),
+        sample_clients(cfg, 1),
+        desc=f"training clients ({'frozen A, ' if frozen_A else ''}{client_init} init)",
         disable=bar_disabled(None if progress else False),
         leave=False,
     ):
@@ -276,6 +335,7 @@ def train_clients(
                 init=None,
                 seed=cfg.seed,
                 frozen_A={n: a[:rank] for n, a in frozen.items()} if frozen is not None else None,
+                shared_init_rank=r_max if client_init == "shared" else None,
             )
         )
     return results
@@ -318,6 +378,7 @@ def _sweep_one_round(
     model_factory: ModelFactory,
     save_adapters: Path | None,
     progress: bool,
+    client_init: str = "auto",
 ) -> list[dict[str, Any]]:
     from florist.adapters import write_peft_adapter
     from florist.data import Prompter, load_client_datasets, tokenize_dataset
@@ -350,34 +411,43 @@ def _sweep_one_round(
     settings = []
     for name, scfg in _setting_configs(cfg, heter):
         allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
-        chosen = [m for m in methods if m in allowed]
-        shared = [m for m in chosen if m != "ffa"]
-        groups: list[tuple[list[ClientUpdate], list[str]]] = []  # (client updates, methods using them)
-        training = []
-        if shared:
-            results = train_clients(host, trainer, scfg, examples, progress=progress)
-            groups.append(([r.update for r in results], shared))
-            training.append({"round": 1, "client_stats": _client_stats(results)})
-        if "ffa" in chosen:
-            ffa_results = train_clients(host, trainer, scfg, examples, ffa=True, progress=progress)
-            groups.append(([r.update for r in ffa_results], ["ffa"]))
-            if not training:
-                training.append({"round": 1, "client_stats": _client_stats(ffa_results)})
+        plan = training_groups([m for m in methods if m in allowed], client_init)
+        inits_of = {m: {g.client_init for g in plan if m in g.methods} for m in methods}
+        trained: list[tuple[TrainingGroup, list[ClientUpdate]]] = []
+        training: list[dict[str, Any]] = []
+        for group in plan:
+            if progress:
+                tqdm.write(f"sweep {name}: training the clients once for {', '.join(group.methods)} "
+                           f"({group.client_init} init{', A frozen' if group.frozen_A else ''})")  # fmt: skip
+            results = train_clients(
+                host, trainer, scfg, examples, frozen_A=group.frozen_A, client_init=group.client_init,
+                progress=progress,
+            )  # fmt: skip
+            trained.append((group, [r.update for r in results]))
+            training.append(
+                {
+                    "client_init": group.client_init,
+                    "frozen_A": group.frozen_A,
+                    "methods": list(group.methods),
+                    "round": 1,
+                    "client_stats": _client_stats(results),
+                }
+            )
 
         rows: list[dict[str, Any]] = []
         singular_values: dict[str, list[float]] = {}
-        total = sum(len(thresholds) if m == "florist" else 1 for _u, ms in groups for m in ms)
+        total = sum(len(thresholds) if m == "florist" else 1 for g in plan for m in g.methods)
         bar = tqdm(
             total=total,
             desc=f"aggregating + evaluating {name}",
             disable=bar_disabled(None if progress else False),
         )
-        for updates, group_methods in groups:
+        for group, updates in trained:
             # Neighbouring τ often keep the same rank in every module: the truncations of one SVD
             # are then identical adapters, so their evaluation is reused rather than recomputed.
             seen: dict[tuple, dict[str, Any] | None] = {}
             for method, tau, result, seconds in aggregate_all(
-                updates, group_methods, thresholds, dtype=dtype
+                updates, group.methods, thresholds, dtype=dtype
             ):
                 adapter = eval_adapter(result)
                 key = (method, tuple(sorted(result.ranks.items())))
@@ -385,20 +455,22 @@ def _sweep_one_round(
                     evaluation = seen[key]
                 else:
                     evaluation = seen[key] = evaluate(host, tokenizer, adapter) if enabled else None
-                rows.append(
-                    make_row(
-                        method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds
-                    )
+                row = make_row(
+                    method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds
                 )
+                row["client_init"] = group.client_init
+                if len(inits_of[method]) > 1:  # the method runs under both inits: say which
+                    row["label"] += f" ({group.client_init.replace('_', '-')} init)"
+                rows.append(row)
                 if method == "florist" and not singular_values:  # the same for every τ
                     singular_values = {
                         k: [float(x) for x in v.flatten().tolist()] for k, v in result.singular_values.items()
                     }
                 if save_adapters is not None:
-                    sub = "heterogeneous" if scfg.heter else "homogeneous"
-                    label = method if tau is None else f"florist_tau{tau:.2f}"
                     write_peft_adapter(
-                        save_adapters / sub / label,
+                        save_adapters
+                        / ("heterogeneous" if scfg.heter else "homogeneous")
+                        / adapter_label(row, with_init=len(inits_of[method]) > 1),
                         adapter,
                         base_model_name_or_path=cfg.global_model,
                         target_modules=list(cfg.lora_target_modules),
@@ -407,8 +479,18 @@ def _sweep_one_round(
                 if progress:  # a line per configuration: the progress a log file keeps
                     tqdm.write(f"sweep {name} {len(rows)}/{total}: {_row_line(rows[-1])}")
         bar.close()
-        settings.append(_setting(name, scfg, base_eval, rows, singular_values, training))
+        rows.sort(key=lambda r: (SWEEP_METHODS.index(r["method"]), r["client_init"], r["threshold"] or 0.0))
+        setting = _setting(name, scfg, base_eval, rows, singular_values, training[:1])
+        setting["training_groups"] = training
+        settings.append(setting)
     return settings
+
+
+def adapter_label(row: dict[str, Any], *, with_init: bool = False) -> str:
+    """The directory name of a row's adapter, e.g. ``florist_tau0.90`` (``florist_tau0.90_shared``
+    when the method ran under both inits)."""
+    label = row["method"] if row.get("threshold") is None else f"florist_tau{float(row['threshold']):.2f}"
+    return f"{label}_{row['client_init']}" if with_init else label
 
 
 def _setting(
@@ -466,30 +548,37 @@ def _sweep_rounds(
     model_factory: ModelFactory,
     runs_dir: Path,
     progress: bool,
+    client_init: str = "auto",
 ) -> tuple[list[dict[str, Any]], str]:
     from florist.federation import run_federated
 
     settings = []
     for name, scfg in _setting_configs(cfg, heter):
         allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
-        configs = [
-            (m, t) for m in methods if m in allowed for t in (thresholds if m == "florist" else [None])
-        ]
+        plan = training_groups([m for m in methods if m in allowed], client_init)
+        pairs = [(m, g.client_init) for m in methods for g in plan if m in g.methods]
+        configs = [(m, init, t) for m, init in pairs for t in (thresholds if m == "florist" else [None])]
         rows, base_eval, sv, training = [], None, {}, []
         sub = "heterogeneous" if scfg.heter else "homogeneous"
-        for method, tau in tqdm(
+        for method, init, tau in tqdm(
             configs, desc=f"runs {name}", disable=bar_disabled(None if progress else False)
         ):
-            label = method if tau is None else f"florist_tau{tau:.2f}"
+            row_key = {"method": method, "threshold": tau, "client_init": init}
+            both = sum(1 for m, _ in pairs if m == method) > 1
             run_cfg = dataclasses.replace(
                 scfg,
                 method=method,
                 threshold=tau if tau is not None else scfg.threshold,
-                output_dir=str(runs_dir / sub / label),
+                client_init=init,
+                output_dir=str(runs_dir / sub / adapter_label(row_key, with_init=both)),
             )
             model, tokenizer = model_factory()  # a fresh base: merge methods change it in place
             metrics = run_federated(run_cfg, model=model, tokenizer=tokenizer)
-            rows.append(_row_from_metrics(method, tau, metrics, run_cfg.output_dir))
+            row = _row_from_metrics(method, tau, metrics, run_cfg.output_dir)
+            row["client_init"] = init
+            if both:
+                row["label"] += f" ({init.replace('_', '-')} init)"
+            rows.append(row)
             base_eval = base_eval or metrics.get("eval_before")
             if method == "florist" and not sv:
                 sv = (metrics["rounds"][0].get("singular_values") or {}) if metrics.get("rounds") else {}
@@ -539,8 +628,9 @@ def run_sweep(
     methods: Sequence[str] = SWEEP_METHODS,
     thresholds: str | Sequence[float] = DEFAULT_THRESHOLDS,
     heter: Sequence[bool] = (False, True),
-    e_tolerance: float = 1.0,
+    e_tolerance: float | None = None,
     select_by: str = "auto",
+    client_init: str = "auto",
     model_factory: ModelFactory | None = None,
     save_adapters: bool = False,
     report: bool = True,
@@ -548,18 +638,24 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run the sweep into ``cfg.output_dir`` (sweep.json, sweep.md, report/) and return sweep.json.
 
-    ``select_by`` is the score that ranks the τ values (and fills the accuracy column): "mmlu",
-    "heldout" (response-token accuracy) or "auto" (MMLU when it was evaluated, else held-out).
-    ``model_factory`` returns a fresh (model, tokenizer); by default ``cfg.global_model`` is loaded.
+    ``select_by`` is the score that ranks the τ values (and fills the score column): "mmlu",
+    "heldout" (response-token accuracy), "loss" (held-out loss, lower is better) or "auto"
+    (MMLU when it was evaluated, else held-out accuracy). ``e_tolerance`` is in the score's unit
+    (default: 1 accuracy point, or 0.005 nats of loss). ``client_init`` is auto (each method's
+    default), shared, per_client or both. ``model_factory`` returns a fresh (model, tokenizer);
+    by default ``cfg.global_model`` is loaded.
     """
     methods = parse_methods(methods)
     taus = parse_thresholds(thresholds)
     if not heter:
         raise ConfigError("heter: choose at least one rank setting")
-    if e_tolerance < 0:
-        raise ConfigError(f"--e-tolerance must be >= 0 accuracy points, got {e_tolerance}")
     if select_by not in SCORE_SOURCES:
         raise ConfigError(f"select_by must be one of {', '.join(SCORE_SOURCES)}, got {select_by!r}")
+    if e_tolerance is None:
+        e_tolerance = DEFAULT_LOSS_TOLERANCE if select_by == "loss" else 1.0
+    if e_tolerance < 0:
+        raise ConfigError(f"--e-tolerance must be >= 0, got {e_tolerance}")
+    training_groups(methods, client_init)  # checks client_init
     dataclasses.replace(cfg, method="florist", threshold=taus[-1]).validate()
     if select_by == "mmlu" and not (cfg.evaluate and find_mmlu_file(cfg)):
         raise ConfigError("select_by=mmlu needs MMLU: set --dev_data_path (and keep --evaluate on)")
@@ -574,22 +670,37 @@ def run_sweep(
     if cfg.num_communication_rounds == 1:
         if save_adapters:
             with atomic_directory(out / "adapters") as adapters_tmp:
-                settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, adapters_tmp, progress)
+                settings = _sweep_one_round(
+                    cfg, methods, taus, heter, model_factory, adapters_tmp, progress, client_init
+                )
         else:
-            settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, None, progress)
+            settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, None, progress, client_init)
         mode = "single-training"
+        groups = "; ".join(
+            f"{s['name']}: {len(s['training_groups'])} ("
+            + ", ".join(
+                f"{'+'.join(g['methods'])} with {g['client_init'].replace('_', '-')} inits"
+                + (" and A frozen" if g["frozen_A"] else "")
+                for g in s["training_groups"]
+            )
+            + ")"
+            for s in settings
+        )
         note = (
-            "1 round: clients were trained once per rank setting (plus once more for FFA-LoRA, whose A is "
-            "frozen) and every method and τ aggregated the same client adapters."
+            "1 round: the clients were trained once per training group (rank setting, client init, frozen A) "
+            f"and every method and τ of a group aggregated the same client adapters. Groups trained: {groups}."
         )
     else:
-        settings, note = _sweep_rounds(cfg, methods, taus, heter, model_factory, out / "runs", progress)
+        settings, note = _sweep_rounds(
+            cfg, methods, taus, heter, model_factory, out / "runs", progress, client_init
+        )
         mode = "separate-runs"
 
     has_mmlu = any((r.get("eval") or {}).get("mmlu") for s in settings for r in s["rows"])
     source = select_by if select_by != "auto" else ("mmlu" if has_mmlu else "heldout")
     for s in settings:
         finish_setting(s, e_tolerance=e_tolerance, score_source=source)
+    unit = "nats" if source == "loss" else "points"
     sweep = {
         "kind": "florist-sweep",
         "model": cfg.global_model,
@@ -599,11 +710,17 @@ def run_sweep(
         "methods": list(methods),
         "thresholds": taus,
         "e_tolerance": e_tolerance,
+        "client_init": client_init,
         "selection_rule": (
-            f"FLoRIST-O: the τ with the highest {SCORE_NAMES[source]}. FLoRIST-E: the τ with the highest "
-            f"Eff whose score is within {e_tolerance} points of FLoRIST-O's."
+            f"FLoRIST-O: the τ with the {'lowest' if source == 'loss' else 'highest'} {SCORE_NAMES[source]}. "
+            f"FLoRIST-E: the τ with the highest Eff whose score is within {e_tolerance} {unit} of FLoRIST-O's."
         ),
-        "score": {"name": SCORE_NAMES[source], "source": source, "unit": "%"},
+        "score": {
+            "name": SCORE_NAMES[source],
+            "source": source,
+            "unit": "nats" if source == "loss" else "%",
+            "higher_is_better": source != "loss",
+        },
         "seconds": time.perf_counter() - t0,
         "config": cfg.to_dict(),
         "settings": settings,
@@ -626,16 +743,17 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
             lines += [
                 "### FLoRIST per τ",
                 "",
-                "| τ | Σ rank | Eff ×10⁻⁴ | score | held-out loss | down / client |",
-                "|---|---|---|---|---|---|",
+                "| τ | client init | Σ rank | Eff ×10⁻⁴ | score | held-out loss | down / client |",
+                "|---|---|---|---|---|---|---|",
             ]
+            digits = 4 if (sweep.get("score") or {}).get("source") == "loss" else 2
             for r in florist_rows:
-                acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
+                acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.{digits}f}"
                 heldout = (r.get("eval") or {}).get("heldout")
                 loss = f"{heldout['loss']:.4f}" if heldout else "—"
                 lines.append(
-                    f"| {r['threshold']:.2f} | {r['rank_total']} | {1e4 * r['eff']:.2f} | {acc} | {loss} | "
-                    f"{human_bytes(r['bytes_down_per_client'])} |"
+                    f"| {r['threshold']:.2f} | {r.get('client_init', '—')} | {r['rank_total']} | "
+                    f"{1e4 * r['eff']:.2f} | {acc} | {loss} | {human_bytes(r['bytes_down_per_client'])} |"
                 )
             lines.append("")
     return "\n".join(lines)

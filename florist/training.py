@@ -51,8 +51,16 @@ def _derive_seed(*parts: object) -> int:
 
 
 def client_generator(seed: int, round_index: int, client_index: int) -> torch.Generator:
-    """The one random stream of a client in a round: its fresh LoRA init, dropout and data order."""
+    """A client's own random stream in a round: its dropout seed, then its data order."""
     return torch.Generator().manual_seed(_derive_seed("florist-client", seed, round_index, client_index))
+
+
+def init_generator(seed: int, round_index: int, client_index: int, *, shared: bool) -> torch.Generator:
+    """The stream a client's fresh LoRA A is drawn from: one per round when the clients share
+    their init (``client_init="shared"``), else one per client. Separate from the client's own
+    stream, so the two init modes train on the same data order with the same dropout."""
+    parts = ("florist-init", seed, round_index) + (() if shared else (client_index,))
+    return torch.Generator().manual_seed(_derive_seed(*parts))
 
 
 def ffa_frozen_A(seed: int, module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, torch.Tensor]:
@@ -279,17 +287,28 @@ class LocalTrainer:
         init: Adapter | None,
         seed: int,
         frozen_A: dict[str, torch.Tensor] | None = None,
+        shared_init_rank: int | None = None,
     ) -> ClientResult:
         """Install the client's LoRA (fresh, from ``init``, or FFA's ``frozen_A``), train it, return it.
 
-        Everything random comes from ``client_generator(seed, round_index, client_index)``, in a
-        fixed order: the fresh LoRA init, then the dropout seed, then the data order.
+        A fresh LoRA's A comes from ``init_generator``: with ``shared_init_rank`` it is the first
+        ``rank`` rows of the one (shared_init_rank x n) draw every client of the round makes
+        alike (client_init "shared"); otherwise the client draws its own. The dropout seed and
+        the data order come from ``client_generator(seed, round_index, client_index)``.
         """
         model = self.host.model
         lengths = _check_examples(examples, client_id, int(model.config.vocab_size))
         start = time.perf_counter()
+        shared = shared_init_rank is not None
+        self.host.install(
+            rank,
+            alpha,
+            init=init,
+            generator=init_generator(seed, round_index, client_index, shared=shared),
+            frozen_A=frozen_A,
+            init_rank=shared_init_rank,
+        )
         generator = client_generator(seed, round_index, client_index)
-        self.host.install(rank, alpha, init=init, generator=generator, frozen_A=frozen_A)
         try:
             return self._train_installed(client_id, examples, lengths, generator, start)
         finally:

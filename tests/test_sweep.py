@@ -78,38 +78,78 @@ def _tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_single_training_equals_separate_runs(data_dir: Path, tmp_path: Path) -> None:
-    """Every global adapter of the one-training sweep is bit-identical to its own `florist run`."""
+    """Every global adapter of the one-training sweep, under both client inits, is bit-identical to
+    its own `florist run` with that init."""
     cfg = make_cfg(data_dir, tmp_path / "sweep")
     sweep = run_sweep(
-        cfg, thresholds=TAUS, model_factory=tiny, save_adapters=True, report=False, progress=False
-    )
-    assert sweep["mode"] == "single-training"
+        cfg, thresholds=TAUS, client_init="both", model_factory=tiny, save_adapters=True, report=False,
+        progress=False,
+    )  # fmt: skip
+    assert sweep["mode"] == "single-training" and sweep["client_init"] == "both"
+    # Per rank setting: per-client inits, shared inits, and FFA's frozen A: three trainings.
+    for setting in sweep["settings"]:
+        groups = [(g["client_init"], g["frozen_A"]) for g in setting["training_groups"]]
+        assert groups == [("per_client", False), ("shared", False), ("shared", True)]
+    assert "Groups trained" in sweep["note"]
     adapters = tmp_path / "sweep" / "adapters"
-    cases = [(False, m, None) for m in ("fedit", "flora", "flexlora", "ffa")]
-    cases += [(True, m, None) for m in ("zeropad", "flora", "flexlora", "ffa")]
-    cases += [(False, "florist", 0.5), (True, "florist", 0.9), (True, "florist", 1.0)]
-    for heter, method, tau in cases:
+    cases = [(False, m, None, i) for m in ("fedit", "flora", "flexlora") for i in ("shared", "per_client")]
+    cases += [(True, m, None, i) for m in ("zeropad", "flora", "flexlora") for i in ("shared", "per_client")]
+    cases += [(h, "ffa", None, "shared") for h in (False, True)]
+    cases += [(False, "florist", 0.5, "shared"), (False, "florist", 0.5, "per_client")]
+    cases += [(True, "florist", 0.9, "shared"), (True, "florist", 1.0, "per_client")]
+    for heter, method, tau, init in cases:
         run_cfg = dataclasses.replace(
             cfg,
             method=method,
             heter=heter,
             threshold=tau or 0.9,
-            output_dir=str(tmp_path / f"run_{method}_{heter}_{tau}"),
+            client_init=init,
+            output_dir=str(tmp_path / f"run_{method}_{heter}_{tau}_{init}"),
         )
         model, tokenizer = tiny()
         run_federated(run_cfg, model=model, tokenizer=tokenizer)
         label = method if tau is None else f"florist_tau{tau:.2f}"
+        if method != "ffa":  # FFA ran under one init only, so its directory has no init suffix
+            label += f"_{init}"
         mine = _tensors(adapters / ("heterogeneous" if heter else "homogeneous") / label)
         theirs = _tensors(Path(run_cfg.output_dir) / "adapter")
         assert mine.keys() == theirs.keys(), (method, heter)
         for key in mine:
-            assert torch.equal(mine[key], theirs[key]), (method, heter, tau, key)
+            assert torch.equal(mine[key], theirs[key]), (method, heter, tau, init, key)
         # The sweep's config/rank bookkeeping matches too.
         setting = sweep["settings"][1 if heter else 0]
-        row = next(r for r in setting["rows"] if r["method"] == method and r["threshold"] == tau)
+        row = next(
+            r for r in setting["rows"]
+            if r["method"] == method and r["threshold"] == tau and r["client_init"] == init
+        )  # fmt: skip
         metrics = json.loads((Path(run_cfg.output_dir) / "metrics.json").read_text())
+        assert metrics["client_init"] == init
         assert row["ranks"] == metrics["rounds"][0]["ranks"]
         assert row["eff"] == pytest.approx(metrics["eff_total"])
+    # The two inits really train different clients (else the comparison would be empty).
+    a = _tensors(adapters / "homogeneous" / "flora_shared")
+    b = _tensors(adapters / "homogeneous" / "flora_per_client")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_training_groups_follow_the_authors_code() -> None:
+    from florist.sweep import training_groups
+
+    groups = training_groups(["fedit", "flora", "flexlora", "ffa", "florist"])
+    assert [(g.client_init, g.frozen_A, g.methods) for g in groups] == [
+        ("per_client", False, ("flora", "flexlora", "florist")),
+        ("shared", False, ("fedit",)),
+        ("shared", True, ("ffa",)),
+    ]
+    shared = training_groups(["zeropad", "flora", "ffa"], "shared")
+    assert [(g.client_init, g.methods) for g in shared] == [
+        ("shared", ("zeropad", "flora")),
+        ("shared", ("ffa",)),
+    ]
+    per_client = training_groups(["fedit", "ffa"], "per_client")  # FFA keeps its shared A
+    assert [(g.client_init, g.frozen_A) for g in per_client] == [("per_client", False), ("shared", True)]
+    with pytest.raises(ConfigError, match="client_init"):
+        training_groups(["flora"], "sometimes")
 
 
 def test_sweep_table_evaluation_and_report(data_dir: Path, tmp_path: Path) -> None:
@@ -217,7 +257,10 @@ def test_cli_sweep(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     printed = capsys.readouterr().out
     assert "Zero-padding" in printed
     # One line per configuration, so a log file shows how far the sweep has got.
-    progress = [line for line in printed.splitlines() if line.startswith("sweep ")]
+    progress = [line for line in printed.splitlines() if line.startswith("sweep ") and "/5:" in line]
+    assert any(
+        "training the clients once for zeropad, florist (per_client init)" in x for x in printed.splitlines()
+    )
     assert len(progress) == 5 and progress[-1].startswith(
         "sweep heterogeneous (ranks 4,2,1) 5/5: FLoRIST τ=0.90, global rank"
     )

@@ -22,6 +22,7 @@ from florist.training import (
     client_generator,
     collate,
     ffa_frozen_A,
+    init_generator,
     plan_batches,
 )
 
@@ -262,12 +263,79 @@ def test_fresh_init_depends_only_on_seed_round_client() -> None:
     b = train(trainer, make_examples(tok)[4:], client_index=3, round_index=2)  # other data
     c = train(trainer, make_examples(tok)[:4], client_index=4, round_index=2)
     # After one step from B = 0, A is still its initial value (its gradient is zero).
-    host.install(4, 8.0, generator=client_generator(42, 2, 3))
+    host.install(4, 8.0, generator=init_generator(42, 2, 3, shared=False))
     expected = host.extract()
     host.remove()
     for name, f in expected.items():
         assert torch.equal(a.update.modules[name].A, f.A) and torch.equal(b.update.modules[name].A, f.A)
         assert not torch.equal(c.update.modules[name].A, f.A)
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [8, 4, 2]], ids=["homogeneous", "heterogeneous"])
+def test_shared_init_is_one_draw_per_round_and_per_client_is_not(ranks) -> None:
+    """client_init="shared": round r's clients start from bit-identical A (prefixes of one draw at
+    the largest rank); "per_client": each client's own draw."""
+    trainer, host, tok = make_trainer(max_steps=1)
+    exs = make_examples(tok)
+    starts = {}
+    for shared in (True, False):
+        # One step from B = 0 leaves A at its init (its gradient is zero), so the upload shows it.
+        starts[shared] = [
+            train(trainer, exs[2 * k : 2 * k + 2], client_index=k, round_index=2, rank=r, alpha=2.0 * r,
+                  shared_init_rank=max(ranks) if shared else None).update.modules
+            for k, r in enumerate(ranks)
+        ]  # fmt: skip
+    for name in starts[True][0]:
+        first = starts[True][0][name].A
+        for k, r in enumerate(ranks):
+            assert torch.equal(starts[True][k][name].A, first[:r])
+            assert starts[True][k][name].A.shape[0] == r
+        others = [starts[False][k][name].A for k in range(len(ranks))]
+        for k in range(1, len(ranks)):
+            r = min(ranks[0], ranks[k])
+            assert not torch.equal(others[k][:r], others[0][:r])
+    # The next round's shared init is a new draw.
+    nxt = train(trainer, exs[:2], client_index=0, round_index=3, rank=ranks[0], shared_init_rank=max(ranks))
+    name = next(iter(nxt.update.modules))
+    assert not torch.equal(nxt.update.modules[name].A, starts[True][0][name].A)
+
+
+def test_shared_init_keeps_data_order_and_dropout_of_the_client() -> None:
+    """The init mode changes the init only: with the same A the two modes take the same steps."""
+    trainer, host, tok = make_trainer(max_steps=3, dropout=0.2)
+    exs = make_examples(tok)
+    a = train(trainer, exs, client_index=0, round_index=1, shared_init_rank=4)
+    # per_client with client 0's draw replaced by the shared one: install it as an explicit init.
+    host.install(4, 8.0, generator=init_generator(42, 1, 0, shared=True), init_rank=4)
+    init = host.extract()
+    host.remove()
+    b = train(trainer, exs, client_index=0, round_index=1, init=init)
+    assert a.losses == b.losses
+    for name in a.update.modules:
+        assert torch.equal(a.update.modules[name].B, b.update.modules[name].B)
+
+
+def test_fedit_is_closer_to_the_exact_aggregate_with_a_shared_init() -> None:
+    """After one local step each, FedIT's B̄Ā equals the exact Σ p_k B_k A_k when the clients shared
+    their init (B starts at 0, so A's first gradient is 0 and every A_k is still the shared init:
+    no cross terms), and keeps little of it with unrelated per-client inits."""
+    from florist.aggregation import get_aggregator
+
+    trainer, host, tok = make_trainer(max_steps=1, learning_rate=1e-2)
+    exs = make_examples(tok)
+    errors = {}
+    for shared in (True, False):
+        updates = [
+            train(trainer, exs[2 * k : 2 * k + 2], client_index=k, client_id=f"c{k}",
+                  shared_init_rank=4 if shared else None).update
+            for k in range(4)
+        ]  # fmt: skip
+        fedit = get_aggregator("fedit").aggregate(updates).adapter
+        exact = get_aggregator("flora").aggregate(updates).adapter
+        num = sum(float((fedit[n].delta() - exact[n].delta()).norm() ** 2) for n in fedit)
+        den = sum(float(exact[n].delta().norm() ** 2) for n in fedit)
+        errors[shared] = (num / den) ** 0.5
+    assert errors[True] < 1e-6 and errors[False] > 0.5, errors  # one step: every A_k is still the init
 
 
 def test_ffa_trains_only_B() -> None:

@@ -102,6 +102,14 @@ class Aggregator(ABC):
     merges_into_base: ClassVar[bool] = False
     supports_heterogeneous: ClassVar[bool] = True
     uploaded_factors: ClassVar[tuple[Factor, ...]] = ("A", "B")
+    # A is frozen at a seeded init that every client shares (FFA-LoRA); only B trains.
+    frozen_A: ClassVar[bool] = False
+    # How the clients of a round draw their fresh LoRA: "shared" (one init drawn from
+    # (seed, round); client k takes its first r_k rows) or "per_client" (each its own). The
+    # default follows the authors' code for each method (docs/methods.md); RunConfig.client_init
+    # overrides it within client_inits.
+    client_init: ClassVar[str] = "per_client"
+    client_inits: ClassVar[tuple[str, ...]] = ("shared", "per_client")
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

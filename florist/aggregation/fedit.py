@@ -24,6 +24,7 @@ from florist.aggregation.linalg import padded_average
 class FedIT(Aggregator):
     name = "fedit"
     supports_heterogeneous = False
+    client_init = "shared"  # FedAvg: every client starts from the one global model
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

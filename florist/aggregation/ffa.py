@@ -50,6 +50,9 @@ def shared_A(updates: Sequence[ClientUpdate], name: str, dtype: torch.dtype) -> 
 class FFA(Aggregator):
     name = "ffa"
     uploaded_factors = ("B",)
+    frozen_A = True
+    client_init = "shared"
+    client_inits = ("shared",)  # the frozen A must be shared for the average to be exact
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

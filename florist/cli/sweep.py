@@ -45,16 +45,29 @@ def add_parser(subparsers: Any) -> None:
         "--e_tolerance",
         dest="e_tolerance",
         type=float,
-        default=1.0,
-        help="FLoRIST-E: the highest-Eff τ whose accuracy is within this many points of FLoRIST-O (default 1)",
+        default=None,
+        help="FLoRIST-E: the highest-Eff τ whose score is within this of FLoRIST-O's "
+        "(default 1 accuracy point, or 0.005 nats with --select-by loss)",
     )
     sweep.add_argument(
         "--select-by",
         "--select_by",
         dest="select_by",
-        choices=["auto", "mmlu", "heldout"],
+        choices=["auto", "mmlu", "heldout", "loss"],
         default="auto",
-        help="score that ranks τ: MMLU macro accuracy, held-out token accuracy, or auto (MMLU when evaluated)",
+        help="score that ranks τ: MMLU macro accuracy, held-out token accuracy, held-out loss, "
+        "or auto (MMLU when evaluated, else held-out accuracy)",
+    )
+    sweep.add_argument(
+        "--client-init",
+        "--client_init",
+        dest="sweep_client_init",
+        type=str.lower,
+        choices=["auto", "shared", "per_client", "both"],
+        default="auto",
+        help="how each round's clients draw their fresh LoRA: each method's default (auto: shared for "
+        "FedIT and FFA-LoRA, per-client for the others, as in the authors' code), shared or per_client "
+        "for every method that allows it, or both (every method under each init)",
     )
     sweep.add_argument(
         "--save-adapters",
@@ -82,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         heter=HETER_CHOICES[args.heter_mode],
         e_tolerance=args.e_tolerance,
         select_by=args.select_by,
+        client_init=args.sweep_client_init,
         save_adapters=args.save_adapters,
         report=args.report,
     )

@@ -72,7 +72,10 @@ def heldout_loss(
         for r in records
     ]
     # A record whose response was cut away entirely has nothing to score.
-    scored = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    kept = [i for i, e in enumerate(examples) if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    scored = [examples[i] for i in kept]
+    record_loss = [0.0] * len(scored)  # per record, for bootstrap intervals (florist.stats)
+    record_tokens = [0] * len(scored)
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -88,7 +91,8 @@ def heldout_loss(
     bar = tqdm(total=len(scored), desc="held-out loss", unit="rec", disable=bar_disabled(progress))
     try:
         for b in range(0, len(order), batch_size):
-            batch = [scored[i] for i in order[b : b + batch_size]]
+            rows = order[b : b + batch_size]
+            batch = [scored[i] for i in rows]
             padded = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             ids, mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -96,11 +100,19 @@ def heldout_loss(
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             states, targets = hidden[:, :-1][keep], targets[keep]
+            row_of = keep.nonzero()[:, 0]
+            token_losses = []
             for c in range(0, len(targets), HEAD_CHUNK):
                 logits = head(states[c : c + HEAD_CHUNK])
                 tgt = targets[c : c + HEAD_CHUNK]
-                total_loss += float(F.cross_entropy(logits, tgt, reduction="sum"))
+                token_losses.append(F.cross_entropy(logits, tgt, reduction="none").double())
                 total_correct += int((logits.argmax(-1) == tgt).sum())
+            per_row = torch.zeros(len(batch), dtype=torch.float64, device=row_of.device)
+            per_row.index_add_(0, row_of, torch.cat(token_losses))
+            counts = keep.sum(dim=1).tolist()
+            for j, i in enumerate(rows):
+                record_loss[i], record_tokens[i] = float(per_row[j]), int(counts[j])
+            total_loss += float(per_row.sum())
             total_tokens += int(keep.sum())
             bar.update(len(batch))
     finally:
@@ -120,4 +132,6 @@ def heldout_loss(
         "n_records": len(scored),
         "n_skipped": len(examples) - len(scored),
         "seconds": seconds,
+        # Per scored record (its index among ``records``): summed loss and scored tokens.
+        "records": {"index": kept, "loss_sum": record_loss, "tokens": record_tokens},
     }

@@ -190,10 +190,11 @@ def train(message: Message, context: Context) -> Message:
     """One round of local training, starting where the server's message says."""
     import torch
 
+    from florist.aggregation import AGGREGATORS
     from florist.federation import pad_adapter, truncate_adapter
     from florist.lora import LoraHost
     from florist.models import resolve_device
-    from florist.training import LocalTrainer, TrainConfig, client_generator, ffa_frozen_A
+    from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A, init_generator
 
     cfg, node = node_settings(context)
     config = message.content[protocol.CONFIG]
@@ -210,7 +211,9 @@ def train(message: Message, context: Context) -> Message:
         host.merge_into_base(_merged_adapter(context.state, r, shapes))
 
     frozen_A = None
-    if cfg.method == "ffa":
+    # The run's largest rank: FFA's frozen A and a shared init are drawn at it, for every node alike.
+    shared_init_rank = int(config["init-rank"]) if cfg.resolved_client_init() == "shared" else None
+    if AGGREGATORS[cfg.method].frozen_A:
         # Derived once from the shared seed, then kept in the node's state for the whole run.
         if protocol.STATE_FFA not in context.state.array_records:
             A = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"]))
@@ -234,7 +237,8 @@ def train(message: Message, context: Context) -> Message:
         )
         # As in florist.federation: grow a too-small adapter with this round's fresh init, then cut.
         if min(f.rank for f in init.values()) < node.rank:
-            host.install(node.rank, node.alpha, generator=client_generator(cfg.seed, rnd, k))
+            generator = init_generator(cfg.seed, rnd, k, shared=shared_init_rank is not None)
+            host.install(node.rank, node.alpha, generator=generator, init_rank=shared_init_rank)
             fresh = host.extract()
             host.remove()
             init = pad_adapter(init, fresh)
@@ -252,6 +256,7 @@ def train(message: Message, context: Context) -> Message:
         init=init,
         seed=cfg.seed,
         frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
+        shared_init_rank=shared_init_rank,
     )
     arrays, scalings = adapter_to_record(
         result.update.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype

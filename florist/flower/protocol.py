@@ -2,7 +2,8 @@
 
 Server -> node, ``train`` (one round) and ``train.finalize`` (the last broadcast):
     config           ConfigRecord: round, merged-rounds (how many merged updates the node must
-                     hold after this message), upload-factors, init-factors, ffa-rank
+                     hold after this message), upload-factors, init-factors, ffa-rank,
+                     init-rank (the rank a shared client init is drawn at)
     merged.<r>       ArrayRecord + merged-scaling.<r> ConfigRecord: round r's global adapter, for
                      merge methods (FLoRA, FLoRIST); the rounds this node does not hold yet
     init             ArrayRecord + init-scaling: what a continue method (FedIT, zero-padding,

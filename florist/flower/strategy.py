@@ -89,6 +89,7 @@ class FloristStrategy(FedAvg):
             "config": cfg.to_dict(),
             "method": cfg.method,
             "threshold": cfg.threshold if cfg.method == "florist" else None,
+            "client_init": cfg.resolved_client_init(),
             "model": cfg.global_model,
             "rounds": [],
         }
@@ -170,6 +171,7 @@ class FloristStrategy(FedAvg):
                 carried.append((round_number - 1, arrays))
         config["merged-rounds"] = len(self.server.merged)
         config["ffa-rank"] = self.ffa_rank()
+        config["init-rank"] = self.ffa_rank()  # a shared init is drawn at the largest rank too
         config.setdefault("init-factors", ["A", "B"])
         # Bytes on the wire belong to the round whose broadcast they deliver.
         for origin, arrays in carried:
