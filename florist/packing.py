@@ -34,9 +34,10 @@ ATTENTION_NAME = "florist_packed"
 # Architectures whose attention is plain causal softmax(q kᵀ · scaling) v through transformers'
 # attention interface (no sliding window, soft-capping, ALiBi or sinks): packing is exact there.
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# Below this length the plain matmul-softmax beats the CPU flash kernel, whose backward has a
-# large fixed cost (bench/training.py); above it flash wins and saves the L x L scores.
-EAGER_ATTENTION_MAX_LEN = 256
+# Up to this length the plain matmul-softmax beats the CPU flash kernel, whose backward has a
+# large fixed cost; beyond it the two cost about the same, and flash does not keep the
+# (examples x heads x L x L) probabilities for the backward pass (gigabytes over 30 layers).
+EAGER_ATTENTION_MAX_LEN = 128
 ATTENTION_SLACK = 1.5  # padded attention work allowed per group, relative to the exact work
 HEAD_CHUNK = 256  # scored positions per LM-head chunk: its (chunk x vocab) logits stay in cache
 

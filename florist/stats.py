@@ -75,3 +75,26 @@ def paired_bootstrap_ci(
     idx = _resample_indices(len(a), resamples, seed)
     total = weights[idx].sum(1)
     return _percentiles((a[idx].sum(1) - b[idx].sum(1)) / total, level)
+
+
+def heldout_records(evaluation: dict | None) -> tuple[list[float], list[int]]:
+    """(per-record loss sums, per-record scored tokens) of an evaluation dict; empty if absent."""
+    records = ((evaluation or {}).get("heldout") or {}).get("records") or {}
+    return list(records.get("loss_sum") or []), list(records.get("tokens") or [])
+
+
+def heldout_comparison(evaluation: dict, references: dict[str, dict | None], *, seed: int = 0) -> dict:
+    """A model's held-out loss with its interval, and its paired difference to each reference model
+    (``{"base": ..., "flora": ...}`` gives ``delta_vs_base`` and ``delta_vs_base_ci95``, ...)."""
+    losses, tokens = heldout_records(evaluation)
+    loss = float(evaluation["heldout"]["loss"])
+    out: dict = {"heldout_loss": loss, "heldout_loss_ci95": list(bootstrap_ci(losses, tokens, seed=seed))}
+    for name, reference in references.items():
+        if reference is None:
+            continue
+        ref_losses, ref_tokens = heldout_records(reference)
+        if ref_tokens != tokens:
+            raise ValueError(f"the {name} model was scored on other held-out records")
+        out[f"delta_vs_{name}"] = loss - float(reference["heldout"]["loss"])
+        out[f"delta_vs_{name}_ci95"] = list(paired_bootstrap_ci(losses, ref_losses, tokens, seed=seed))
+    return out

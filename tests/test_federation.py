@@ -387,8 +387,9 @@ def test_cli_run_with_yaml_and_flags(tmp_path, federated_data, capsys):
 
 
 def test_demo_command_on_a_tiny_model(tmp_path, capsys, monkeypatch):
-    """`florist demo` end to end (built-in data, 8 heterogeneous clients, FLoRIST) on a tiny model."""
+    """`florist demo` end to end (built-in data, one training per init, FedIT/FLoRA/FLoRIST) on a tiny model."""
     from florist.cli import main
+    from florist.stats import heldout_records
 
     monkeypatch.delenv("FLORIST_MMLU_PATH", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -396,22 +397,23 @@ def test_demo_command_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "demo"
-    args = [
-        "demo",
-        "--model",
-        str(tmp_path / "tiny"),
-        "--output_dir",
-        str(out),
-        "--rounds",
-        "1",
-        "--steps",
-        "1",
-    ]
-    assert main([*args, "--eval_samples", "3", "--device", "cpu"]) == 0
+    args = ["demo", "--model", str(tmp_path / "tiny"), "--output_dir", str(out), "--steps", "1"]
+    assert main([*args, "--eval_samples", "5", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == "florist" and metrics["threshold"] == 0.9
-    assert [s["rank"] for s in metrics["rounds"][0]["client_stats"].values()] == [64, 32, 16, 16, 8, 8, 4, 4]
-    assert metrics["eval_before"]["heldout"]["n_records"] == 3 and "mmlu" not in metrics["eval_after"]
-    assert "MMLU: skipped" in printed and "base" in printed and "federated" in printed
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    sweep = json.loads((out / "sweep.json").read_text())
+    (setting,) = sweep["settings"]
+    # One training per init: FLoRA and FLoRIST share per-client inits, FedIT its shared one.
+    assert [(g["client_init"], g["methods"]) for g in setting["training_groups"]] == [
+        ("per_client", ["flora", "florist"]),
+        ("shared", ["fedit"]),
+    ]
+    labels = [r["label"] for r in setting["rows"]]
+    assert labels == ["FedIT", "FLoRA", "FLoRIST τ=0.80", "FLoRIST τ=0.90", "FLoRIST τ=0.95"]
+    assert sweep["score"]["source"] == "loss" and setting["florist_o"] is not None
+    held = setting["base_eval"]["heldout"]
+    assert len(heldout_records(setting["base_eval"])[0]) == held["n_records"] == 5 - held["n_skipped"]
+    # The printed table: every model with its interval, and each against FLoRA with its saving.
+    for label in ["base model", *labels]:
+        assert label in printed
+    assert "nats against FLoRA (95% CI" in printed and "less download per client" in printed
+    assert (out / "report" / "accuracy_vs_communication.png").is_file()
