@@ -10,9 +10,9 @@ One command regenerates docs/results.md, docs/results.json and docs/img/results_
    subset of its records (the same for every seed and method); the held-out set is Dolly's
    global_test.json plus a fixed sample of every client's records that it does not train on.
 2. Training and aggregation. ``florist sweep`` with one round (as the paper's README commands),
-   homogeneous (r=16) and heterogeneous ranks, every method under both client inits (the sweep
-   trains once per rank setting, init and frozen-A group and aggregates every method and τ of the
-   group from the same uploads). A second training seed repeats FedIT, FLoRA and FLoRIST at
+   homogeneous (r=16) with every method under both client inits, and heterogeneous ranks with each
+   method's default init (the sweep trains once per init and frozen-A group and aggregates every
+   method and τ of the group from the same uploads). A second training seed repeats FedIT, FLoRA and FLoRIST at
    FLoRIST-O's τ (homogeneous, default inits), where the conclusions rest.
 3. Evaluation. Held-out loss (response tokens, float32) for every configuration, with a 95%
    percentile-bootstrap interval over held-out records and paired intervals of the difference
@@ -44,19 +44,21 @@ from common import machine  # noqa: E402
 from florist.config import RunConfig  # noqa: E402
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
 from florist.report import METHOD_LABELS, human_bytes  # noqa: E402
-from florist.stats import bootstrap_ci, paired_bootstrap_ci  # noqa: E402
+from florist.stats import bootstrap_ci, heldout_comparison, heldout_records, paired_bootstrap_ci  # noqa: E402
 
 DOCS = REPO / "docs"
 BUDGETS: dict[str, dict[str, Any]] = {
     "full": {
-        "records_per_client": 256,  # = steps x batch: one epoch over a fixed subset
-        "steps": 16,
+        # Measured on 2 cores (pilot, FLoRA): 160 records x 1 epoch at 2e-3 moves held-out loss by
+        # 0.075 nats; one training group takes ~11 min, one evaluation of 400 records ~85 s.
+        "records_per_client": 160,  # = steps x batch: one epoch over a fixed subset
+        "steps": 10,
         "batch": 16,
         "micro_batch": 16,
-        "learning_rate": 1e-3,
+        "learning_rate": 2e-3,
         "cutoff_len": 256,
         "heldout_per_client": 40,
-        "thresholds": [0.80, 0.90, 0.95, 0.98, 1.00],
+        "thresholds": [0.80, 0.90, 0.95, 0.98],
         "seeds": [42, 43],
         "mmlu_questions": None,  # all 1,444
     },
@@ -68,7 +70,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "cutoff_len": 96,
         "heldout_per_client": 2,
-        "thresholds": [0.9, 1.0],
+        "thresholds": [0.9, 0.98],
         "seeds": [42, 43],
         "mmlu_questions": 16,
     },
@@ -135,29 +137,32 @@ def sweep(cfg: RunConfig, **options: Any) -> dict[str, Any]:
     return run_sweep(cfg, select_by="loss", progress=True, **options)
 
 
+def load_main(out: Path, budget: dict[str, Any]) -> dict[str, Any]:
+    """The first seed's two sweeps (homogeneous, heterogeneous) as one sweep.json-like dict."""
+    parts = [
+        json.loads((out / f"seed{budget['seeds'][0]}" / sub / "sweep.json").read_text())
+        for sub in ("homogeneous", "heterogeneous")
+    ]
+    return dict(parts[0], settings=[s for p in parts for s in p["settings"]])
+
+
 # --- 3. statistics -------------------------------------------------------------------------
 
 
 def records_of(evaluation: dict[str, Any] | None) -> tuple[list[float], list[int]]:
-    held = (evaluation or {}).get("heldout") or {}
-    rec = held.get("records") or {}
-    return list(rec.get("loss_sum") or []), list(rec.get("tokens") or [])
+    return heldout_records(evaluation)
 
 
-def row_stats(row: dict[str, Any], flora: dict[str, Any] | None, base: dict[str, Any]) -> dict[str, Any]:
-    losses, tokens = records_of(row["eval"])
-    base_losses, base_tokens = records_of(base)
-    assert tokens == base_tokens, "every configuration is scored on the same held-out tokens"
-    out = {
-        "heldout_loss": float(row["eval"]["heldout"]["loss"]),
-        "heldout_loss_ci95": list(bootstrap_ci(losses, tokens)),
-        "delta_vs_base_ci95": list(paired_bootstrap_ci(losses, base_losses, tokens)),
-        "delta_vs_base": float(row["eval"]["heldout"]["loss"] - base["heldout"]["loss"]),
-    }
+def row_stats(row: dict[str, Any], floras: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """Intervals of a row; FLoRA is the one trained on the same uploads, else the default-init one
+    (a FFA row, say, whose frozen-A training no FLoRA shares), and the row names which it used."""
+    from florist.aggregation import get_aggregator
+
+    flora = floras.get(row["client_init"]) or floras.get("per_client") or next(iter(floras.values()), None)
+    out = heldout_comparison(row["eval"], {"base": base, "flora": flora["eval"] if flora else None})
     if flora is not None:
-        flora_losses, _ = records_of(flora["eval"])
-        out["delta_vs_flora"] = float(row["eval"]["heldout"]["loss"] - flora["eval"]["heldout"]["loss"])
-        out["delta_vs_flora_ci95"] = list(paired_bootstrap_ci(losses, flora_losses, tokens))
+        same = flora["client_init"] == row["client_init"] and not get_aggregator(row["method"]).frozen_A
+        out["flora_reference"] = "same uploads" if same else f"FLoRA, {flora['client_init']} init"
     return out
 
 
@@ -174,7 +179,7 @@ def analyse(main: dict[str, Any], seeds: list[dict[str, Any]], budget: dict[str,
                     "label": r["label"],
                     "tau": r["threshold"],
                     "client_init": r["client_init"],
-                    **row_stats(r, flora.get(r["client_init"]), base),
+                    **row_stats(r, flora, base),
                     "eff": float(r["eff"]),
                     "rank_total": int(r["rank_total"]),
                     "bytes_down_per_client": float(r["bytes_down_per_client"]),
@@ -278,7 +283,7 @@ def mmlu_scores(run_dir: Path, main: dict[str, Any], questions: int | None) -> d
             same_tau = [
                 r for r in s["rows"] if r["method"] == "florist" and r["threshold"] == row["threshold"]
             ]
-            path = run_dir / "adapters" / sub / adapter_label(row, with_init=len(same_tau) > 1)
+            path = run_dir / sub / "adapters" / sub / adapter_label(row, with_init=len(same_tau) > 1)
             adapter, _ = read_peft_adapter(path)
             out[f"{sub}/{key}"] = score(adapter) | {
                 "tau": row["threshold"],
@@ -338,7 +343,20 @@ def default_init(method: str) -> str:
     return DEFAULT_INIT.get(method, "per_client")
 
 
+def beyond_seeds(d: float, noise: float | None) -> str:
+    """How a difference between two trainings compares with the training-seed spread."""
+    if noise is None:
+        return ""
+    if abs(d) > noise:
+        return f"; larger than the {noise:.4f}-nat spread a second training seed shows"
+    return f"; within the {noise:.4f}-nat spread a second training seed shows, so not a conclusion"
+
+
 def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[str]]:
+    spreads = [
+        r["spread"] for r in result["seed_spread"] if r["spread"] is not None and len(r["heldout_loss"]) > 1
+    ]
+    noise = max(spreads) if spreads else None
     out: dict[str, list[str]] = {}
     for s in result["settings"]:
         lines = []
@@ -346,11 +364,15 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
         rows = s["rows"]
         best = min(rows, key=lambda r: r["heldout_loss"])
         lo, hi = best["delta_vs_base_ci95"]
-        verdict = "more than 0.05 nats" if hi <= -0.05 else "less than 0.05 nats for certain"
+        verdict = (
+            "the whole interval lies more than 0.05 nats below the base"
+            if hi <= -0.05
+            else "the interval does not lie entirely 0.05 nats below the base"
+        )
         lines.append(
             f"The best configuration, {best['label']}, lowers the held-out loss from {s['base_heldout_loss']:.4f} "
             f"(base model) to {best['heldout_loss']:.4f}: {best['delta_vs_base']:+.4f} nats, paired 95% CI "
-            f"{fmt_ci(best['delta_vs_base_ci95'])}, so the federated round helps by {verdict}."
+            f"{fmt_ci(best['delta_vs_base_ci95'])}; {verdict}."
         )
         flora = find(s, "flora", "per_client")
         for method in [m for m in ("fedit", "zeropad", "flexlora", "ffa") if find(s, m)]:
@@ -362,7 +384,7 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             elif flora is not None:
                 d, ci = paired(main, name, row, flora)
                 same = find(s, "flora", row["client_init"])
-                text = compare(d, ci, label, "FLoRA (per-client init, its default)")
+                text = compare(d, ci, label, "FLoRA (per-client init, its default)") + beyond_seeds(d, noise)
                 if same is not None and row.get("delta_vs_flora_ci95") is not None:
                     text += (
                         f"; against FLoRA on the very same uploads ({row['client_init'].replace('_', '-')} init) "
@@ -380,8 +402,9 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             lo, hi = row["delta_vs_flora_ci95"]
             bound = max(abs(lo), abs(hi))
             lines.append(
-                f"{tag} (τ={sel['tau']:.2f}, {sel['client_init'].replace('_', '-')} init) downloads {saving:.1f}× less "
-                f"than FLoRA ({human_bytes(row['bytes_down_per_client'])} against {human_bytes(ref['bytes_down_per_client'])} "
+                f"{tag} (τ={sel['tau']:.2f}, {sel['client_init'].replace('_', '-')} init) downloads "
+                + (f"{saving:.1f}× less than" if saving > 1.05 else "as much as")
+                + f" FLoRA ({human_bytes(row['bytes_down_per_client'])} against {human_bytes(ref['bytes_down_per_client'])} "
                 f"per client) and its held-out loss is within {bound:.4f} nats of FLoRA's on the same uploads "
                 f"(difference {row['delta_vs_flora']:+.4f}, 95% CI {fmt_ci(row['delta_vs_flora_ci95'])})."
             )
@@ -392,13 +415,21 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             if shared and own:
                 d, ci = paired(main, name, shared, own)
                 what = METHOD_LABELS[method] + (f" τ={tau:.2f}" if tau else "")
-                lines.append(compare(d, ci, f"{what} with a shared init", "with per-client inits") + ".")
+                lines.append(
+                    compare(d, ci, f"{what} with a shared init", "with per-client inits")
+                    + beyond_seeds(d, noise)
+                    + "."
+                )
         out[name] = lines
     return out
 
 
 def paper_ordering(result: dict[str, Any], main: dict[str, Any]) -> list[str]:
     """Where the paper's accuracy ordering (TinyLlama, Dolly) holds on held-out loss here."""
+    spreads = [
+        r["spread"] for r in result["seed_spread"] if r["spread"] is not None and len(r["heldout_loss"]) > 1
+    ]
+    noise = max(spreads) if spreads else None
     s = next(s for s in result["settings"] if not s["heter"])
     o = s["florist_o"]
     rows = {
@@ -416,7 +447,9 @@ def paper_ordering(result: dict[str, Any], main: dict[str, Any]) -> list[str]:
         else:
             verdict = "is not resolved"
         lines.append(
-            f"{a} above {b} (paper): {verdict} here, loss difference {d:+.4f} nats (95% CI {fmt_ci(ci)})."
+            f"{a} above {b} (paper): {verdict} here, loss difference {d:+.4f} nats (95% CI {fmt_ci(ci)})"
+            + beyond_seeds(d, noise)
+            + "."
         )
     return lines
 
@@ -477,18 +510,20 @@ def plot_deltas(result: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(6.2 * len(settings), 0.28 * n + 1.6), layout="constrained")
     for i, s in enumerate(settings):
         ax = fig.add_subplot(1, len(settings), i + 1)
-        rows = [r for r in s["rows"] if r["method"] != "flora"]
+        rows = [r for r in s["rows"] if r["method"] != "flora" and "delta_vs_flora_ci95" in r]
         for y, r in enumerate(rows):
             lo, hi = r["delta_vs_flora_ci95"]
             color = "tab:red" if lo > 0 else "tab:green" if hi < 0 else "tab:gray"
             ax.plot([lo, hi], [y, y], color=color, lw=2)
             ax.plot([r["delta_vs_flora"]], [y], "o", color=color, ms=4)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+        labels = [r["label"] + ("" if r["flora_reference"] == "same uploads" else " *") for r in rows]
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.set_xlabel("held-out loss minus FLoRA's on the same uploads (nats, paired 95% CI)")
         ax.set_title(s["name"], fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Each configuration against the exact aggregate (red: worse, green: better, grey: unresolved)",
+    fig.suptitle("Each configuration against the exact aggregate (red: worse, green: better, grey: unresolved;"
+                 " * against FLoRA trained on other uploads)",
                  fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=110)
 
@@ -516,6 +551,8 @@ def table(s: dict[str, Any]) -> list[str]:
             if r.get("delta_vs_flora_ci95") is not None and r["method"] != "flora"
             else ""
         )
+        if dflora and r.get("flora_reference") != "same uploads":
+            dflora += f" (vs {r['flora_reference']}; other uploads)"
         tau = "" if r["tau"] is None else f"{r['tau']:.2f}"
         lines.append(
             f"| {METHOD_LABELS[r['method']]}{tag} | {r['client_init'].replace('_', '-')}{mark} | "
@@ -529,7 +566,7 @@ def table(s: dict[str, Any]) -> list[str]:
 
 def render(out: Path, docs: Path, command: str) -> dict[str, Any]:
     experiment = json.loads((out / "experiment.json").read_text())
-    main_sweep = json.loads((out / "seed42" / "sweep.json").read_text())
+    main_sweep = load_main(out, experiment["budget"])
     seed_sweeps = [
         json.loads((out / f"seed{sd}" / "sweep.json").read_text()) for sd in experiment["budget"]["seeds"][1:]
     ]
@@ -541,9 +578,11 @@ def render(out: Path, docs: Path, command: str) -> dict[str, Any]:
     img.mkdir(parents=True, exist_ok=True)
     plot_tradeoff(result, img / "results_tradeoff.png")
     plot_deltas(result, img / "results_delta_vs_flora.png")
-    for name in ("energy_curves.png", "loss_curves.png"):
-        if (out / "seed42" / "report" / name).is_file():
-            shutil.copyfile(out / "seed42" / "report" / name, img / f"results_{name}")
+    for sub in ("homogeneous", "heterogeneous"):
+        for name in ("energy_curves.png", "loss_curves.png"):
+            source = out / f"seed{budget['seeds'][0]}" / sub / "report" / name
+            if source.is_file():
+                shutil.copyfile(source, img / f"results_{sub}_{name}")
     heldout_records = len(records_of(main_sweep["settings"][0]["base_eval"])[0])
     doc = {
         "generated_by": "python bench/results.py",
@@ -600,8 +639,9 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         "- Intervals: 95% percentile bootstrap over held-out records (4,000 resamples). Differences are "
         "paired: both models scored on the same records in every resample. They measure the held-out "
         "sample's uncertainty; training randomness is shown by the second seed below.",
-        "- Client init: every method under both `shared` and `per-client` inits (docs/methods.md); "
-        '"(default)" marks the one the authors\' code uses. "Δ vs FLoRA, same uploads" compares with FLoRA '
+        "- Client init: homogeneous, every method under both `shared` and `per-client` inits "
+        "(docs/methods.md); heterogeneous, each method's default. '(default)' marks the init the "
+        'authors\' code uses. "Δ vs FLoRA, same uploads" compares with FLoRA '
         "aggregating the very same client adapters, so it isolates the aggregation's own error.",
         f"- {doc['selection_rule']} Both are chosen among the τ grid {', '.join(f'{t:.2f}' for t in b['thresholds'])} "
         "under either init, on held-out loss because MMLU cannot separate configurations at this size.",
@@ -679,9 +719,11 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         "",
         "![each configuration against FLoRA](img/results_delta_vs_flora.png)",
         "",
-        "![FLoRIST energy curves](img/results_energy_curves.png)",
+        "![FLoRIST energy curves, homogeneous](img/results_homogeneous_energy_curves.png)",
         "",
-        "![client training losses](img/results_loss_curves.png)",
+        "![FLoRIST energy curves, heterogeneous](img/results_heterogeneous_energy_curves.png)",
+        "",
+        "![client training losses, homogeneous](img/results_homogeneous_loss_curves.png)",
         "",
         "## What these numbers cannot show",
         "",
@@ -718,18 +760,25 @@ def main() -> None:
             f"results: {n_heldout} held-out records; clients train on {budget['records_per_client']} each",
             flush=True,
         )
-        t = time.perf_counter()
-        cfg = base_config(data_dir, heldout, out / "seed42", budget, seed=budget["seeds"][0])
-        main_sweep = sweep(cfg, thresholds=budget["thresholds"], client_init="both", save_adapters=True)
-        phases["main sweep (both rank settings, both inits)"] = time.perf_counter() - t
+        seed = budget["seeds"][0]
+        # Homogeneous: every method under both inits; heterogeneous: each method's default init.
+        for sub, heter, inits in (("homogeneous", False, "both"), ("heterogeneous", True, "auto")):
+            t = time.perf_counter()
+            cfg = base_config(data_dir, heldout, out / f"seed{seed}" / sub, budget, seed=seed)
+            sweep(cfg, thresholds=budget["thresholds"], client_init=inits, heter=(heter,), save_adapters=True)
+            phases[f"{sub} ({'both inits' if inits == 'both' else 'default inits'})"] = (
+                time.perf_counter() - t
+            )
+        main_sweep = load_main(out, budget)
         o = next(s for s in main_sweep["settings"] if not s["heter"])["florist_o"]
         for seed in budget["seeds"][1:]:
             t = time.perf_counter()
             cfg = base_config(data_dir, heldout, out / f"seed{seed}", budget, seed=seed)
-            sweep(cfg, methods=["fedit", "flora", "florist"], thresholds=[o["threshold"]], heter=(False,))
+            sweep(cfg, methods=["fedit", "flora", "florist"], thresholds=[o["threshold"]], heter=(False,),
+                  report=False)  # fmt: skip
             phases[f"seed {seed} (homogeneous FedIT, FLoRA, FLoRIST-O)"] = time.perf_counter() - t
         t = time.perf_counter()
-        mmlu = mmlu_scores(out / "seed42", main_sweep, budget["mmlu_questions"])
+        mmlu = mmlu_scores(out / f"seed{budget['seeds'][0]}", main_sweep, budget["mmlu_questions"])
         phases["MMLU"] = time.perf_counter() - t
         atomic_write_json(
             out / "experiment.json",
