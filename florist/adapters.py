@@ -23,31 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors.torch import load as safetensors_load
 
+from florist.adapter_files import (  # noqa: F401  (re-exported: the names users import from here)
+    CLIENT_INFO_FILE,
+    CONFIG_FILE,
+    DEFAULT_MAX_BYTES,
+    MAX_JSON_BYTES,
+    NUM_EXAMPLES_FILE,
+    PICKLE_FILES,
+    WEIGHTS_FILE,
+    AdapterError,
+)
 from florist.aggregation.base import Adapter, LoraFactors
-from florist.errors import FloristError
 from florist.io import atomic_directory, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-# Beside the adapter, the client states how many examples it trained on (the FedAvg weight).
-CLIENT_INFO_FILE = "florist_client.json"
-NUM_EXAMPLES_FILE = "num_examples.json"  # also accepted: {"num_examples": N} or a bare integer
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-
-DEFAULT_MAX_BYTES = 2 * 1024**3  # a 7B model at r=64 on every projection is ~0.7 GB in fp32
-MAX_JSON_BYTES = 1024**2
 
 # peft's key layout: base_model.model.<module>.lora_A[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
-
-
-class AdapterError(FloristError, ValueError):
-    """A bad or unsafe adapter directory; the message names the directory, client and module."""
 
 
 def _where(directory: Path, client_id: str | None, module: str | None = None) -> str:
@@ -168,8 +161,8 @@ def config_rank_and_scaling(config: dict[str, Any], module: str) -> tuple[int, f
     """The rank and scaling peft gives ``module`` under this config (same pattern matching)."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    r = rank_pattern.get(_pattern_for(rank_pattern, module), config["r"])
+    alpha = alpha_pattern.get(_pattern_for(alpha_pattern, module), config.get("lora_alpha", 8))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
     return int(r), float(scaling)
 
@@ -309,15 +302,6 @@ def read_client_info(directory: str | os.PathLike[str], *, client_id: str | None
 # --- writing -------------------------------------------------------------------------------
 
 
-def _sort_config_sets(path: Path) -> None:
-    """peft keeps target_modules as a set and saves it in hash order; sort it so runs are byte-stable."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    for field in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(field), list):
-            config[field] = sorted(config[field])
-    atomic_write_json(path, config)
-
-
 def _alpha_for(rank: int, scaling: float) -> float:
     """An alpha with ``alpha / rank == scaling`` exactly in float64 (peft computes alpha / r)."""
     alpha = scaling * rank
@@ -334,6 +318,11 @@ def _alpha_for(rank: int, scaling: float) -> float:
 
 def _matches(pattern: str, module: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", module) is not None  # peft's get_pattern_key rule
+
+
+def _pattern_for(patterns: dict[str, Any], module: str) -> str:
+    """The first pattern key that matches ``module``, else ``module`` (peft's get_pattern_key)."""
+    return next((key for key in patterns if _matches(key, module)), module)
 
 
 def _pattern_key(module: str, modules: list[str]) -> str:
@@ -391,24 +380,32 @@ def write_peft_adapter(
     # Most common values as the defaults; ties go to the larger value, for a stable choice.
     r = max(Counter(ranks.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
     alpha = max(Counter(alphas.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=list(target_modules) if target_modules is not None else modules,
-        rank_pattern={_pattern_key(n, modules): ranks[n] for n in modules if ranks[n] != r},
-        alpha_pattern={_pattern_key(n, modules): alphas[n] for n in modules if alphas[n] != alpha},
-        base_model_name_or_path=base_model_name_or_path,
-        task_type=task_type,
-        inference_mode=True,
-    )
+    # peft's LoraConfig fields, written without importing peft (seconds of imports for a file
+    # write); peft fills the fields left out with its defaults. Lists sorted: byte-stable runs.
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(target_modules if target_modules is not None else modules),
+        "rank_pattern": {_pattern_key(n, modules): ranks[n] for n in modules if ranks[n] != r},
+        "alpha_pattern": {_pattern_key(n, modules): alphas[n] for n in modules if alphas[n] != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
     for name in modules:  # what peft will compute when it loads this directory
-        got_r, got_scaling = config_rank_and_scaling(config.to_dict(), name)
+        got_r, got_scaling = config_rank_and_scaling(config, name)
         assert got_r == ranks[name] and got_scaling == alphas[name] / ranks[name], name
 
     with atomic_directory(directory) as tmp:
-        config.save_pretrained(str(tmp))
-        _sort_config_sets(tmp / CONFIG_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, config)
         atomic_save_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         for file_name, content in (extra_files or {}).items():
             path = safe_join(tmp, file_name)

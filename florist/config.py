@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from florist.data import PAD_TO_MULTIPLE_OF
+# Batches are padded to a multiple of this many tokens. Every new sequence length makes oneDNN
+# and the allocator keep another set of per-shape buffers, so with exact-length batches the
+# process grows with every client trained (docs/benchmarks.md); a handful of widths bounds it.
+PAD_TO_MULTIPLE_OF = 32
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HETER_RANKS = [64, 32, 16, 16, 8, 8, 4, 4]

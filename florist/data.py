@@ -22,14 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from florist.config import PAD_TO_MULTIPLE_OF
 from florist.errors import FloristError
 from florist.progress import bar_disabled
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "dolly": ("instruction", "context", "response"),
@@ -41,10 +44,6 @@ _INPUT_FIELD = {"dolly": "context", "alpaca": "input", "wizard": None}
 _OUTPUT_FIELD = {"dolly": "response", "alpaca": "output", "wizard": "output"}
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
-# Batches are padded to a multiple of this many tokens. Every new sequence length makes oneDNN
-# and the allocator keep another set of per-shape buffers, so with exact-length batches the
-# process grows with every client trained (docs/benchmarks.md); a handful of widths bounds it.
-PAD_TO_MULTIPLE_OF = 32
 SPLIT_MODES = ("iid", "dirichlet", "shards")
 
 
@@ -65,6 +64,8 @@ def collate(
     if cutoff_len is not None:
         longest = min(longest, cutoff_len)
     width = padded_width(longest, pad_to_multiple_of, cutoff_len)
+    import torch  # here, not at import: `florist data` answers without loading torch
+
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

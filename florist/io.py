@@ -11,10 +11,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save as safetensors_save
+if TYPE_CHECKING:
+    import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,6 +75,8 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def atomic_save_safetensors(
     path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
+    from safetensors.torch import save as safetensors_save  # not at import: `florist --help` stays light
+
     data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
 
@@ -124,7 +126,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "detach"):  # a torch.Tensor
         return obj.detach().cpu().tolist()
     if isinstance(obj, Path):
         return str(obj)

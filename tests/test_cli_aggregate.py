@@ -241,6 +241,40 @@ def test_fedit_through_the_console_entry_point(tmp_path: Path) -> None:
     assert any(not torch.allclose(deltas[n], exact[n], atol=1e-4) for n in exact)
 
 
+def _imports_of(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `florist ARGS` in a fresh process; return it and the heavy packages it imported."""
+    heavy = ("torch", "peft", "transformers", "safetensors")
+    script = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: print('IMPORTED', *[m for m in {heavy!r} if m in sys.modules]))\n"
+        "from florist.cli import main\n"
+        "sys.exit(main())"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("IMPORTED"))
+    return proc, set(line.split()[1:])
+
+
+def test_aggregate_loads_only_torch_and_safetensors_and_its_help_nothing(good_pair, tmp_path: Path) -> None:
+    # `--help` and bad arguments need no torch, so they answer at once.
+    proc, imported = _imports_of(["aggregate", "--help"])
+    assert proc.returncode == 0 and "--method" in proc.stdout and imported == set()
+    proc, imported = _imports_of(
+        ["aggregate", "--out", str(tmp_path / "o"), "--threshold", "2", *map(str, good_pair)]
+    )
+    assert proc.returncode == 2 and "--threshold (tau) must be in (0, 1]" in proc.stderr
+    assert imported == set()
+    # Aggregating reads and writes PEFT directories without peft or transformers.
+    out = tmp_path / "out"
+    proc, imported = _imports_of(
+        ["aggregate", "--method", "florist", "--out", str(out), *map(str, good_pair)]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert imported == {"torch", "safetensors"}
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_ffa_is_exact_with_a_shared_frozen_A(tmp_path: Path) -> None:
     counts = [7, 3, 5]
     dirs = [tmp_path / f"c{k}" for k in range(3)]

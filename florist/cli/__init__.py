@@ -11,10 +11,12 @@ import sys
 SUBCOMMANDS = ["aggregate", "run", "demo", "data", "eval", "sweep", "report", "flower"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands, or only ``command``'s: its module alone is imported, so that
+    `florist aggregate --help` does not wait for the imports of every other subcommand."""
     parser = argparse.ArgumentParser(prog="florist", description="Federated fine-tuning of LLMs with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in [command] if command in SUBCOMMANDS else SUBCOMMANDS:
         module_name = f"florist.cli.{name}"
         try:
             module = importlib.import_module(module_name)
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from florist.errors import run_cli
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args))
 

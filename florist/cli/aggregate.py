@@ -19,27 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 import florist
-from florist.adapters import (
-    CLIENT_INFO_FILE,
-    DEFAULT_MAX_BYTES,
-    NUM_EXAMPLES_FILE,
-    AdapterError,
-    read_client_info,
-    read_num_examples,
-    read_peft_adapter,
-    write_peft_adapter,
-)
+from florist.adapter_files import CLIENT_INFO_FILE, DEFAULT_MAX_BYTES, NUM_EXAMPLES_FILE, AdapterError
 from florist.config import METHODS
-from florist.io import atomic_directory, atomic_write_json
-from florist.progress import bar_disabled
 
+# torch, the aggregators and the adapter reader are imported when the command runs, so that
+# `--help` and argument errors answer at once; aggregating never imports peft or transformers.
 SUMMARY_FILE = "summary.json"
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float64", "float32")  # torch dtype names
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -62,13 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated example counts, one per client (default: {CLIENT_INFO_FILE} or "
         f"{NUM_EXAMPLES_FILE} in each client directory)",
     )
-    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES), help="aggregation arithmetic")
+    p.add_argument("--dtype", default="float64", choices=DTYPES, help="aggregation arithmetic")
     p.add_argument(
         "--decomposition", default=None, choices=("qr", "svd", "dense"), help="SVD route (FLoRIST)"
     )
-    p.add_argument(
-        "--wire-dtype", default="float32", choices=sorted(WIRE_DTYPES), help="dtype for byte counts"
-    )
+    p.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES, help="dtype for byte counts")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted adapter file")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path for the output config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing florist aggregate output")
@@ -116,8 +102,6 @@ def _check_out(out: Path, clients: list[Path], overwrite: bool) -> None:
 
 
 def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
-    from florist.aggregation import AGGREGATORS
-
     if args.threshold is not None and args.method != "florist":
         raise AdapterError(f"--threshold applies to --method florist, not {args.method}")
     options: dict[str, Any] = {}
@@ -127,6 +111,8 @@ def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
             raise AdapterError(f"--threshold (tau) must be in (0, 1], got {tau}")
         options["threshold"] = tau
     if args.decomposition is not None:
+        from florist.aggregation import AGGREGATORS
+
         accepted = inspect.signature(AGGREGATORS[args.method].__init__).parameters
         if "decomposition" not in accepted:
             raise AdapterError(f"--decomposition does not apply to --method {args.method}")
@@ -138,7 +124,11 @@ def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_clients(clients: list[Path], counts: list[int | None], max_bytes: int) -> tuple[list, list[dict]]:
+    from tqdm.auto import tqdm
+
+    from florist.adapters import read_client_info, read_num_examples, read_peft_adapter
     from florist.aggregation import ClientUpdate
+    from florist.progress import bar_disabled
 
     updates: list[ClientUpdate] = []
     described: list[dict[str, Any]] = []
@@ -183,6 +173,8 @@ def _base_model(described: list[dict[str, Any]], override: str | None) -> str | 
 
 
 def _check_finite(result, dtype: str) -> None:
+    import torch
+
     # Finite uploads can still sum past the float32 range; never write such an adapter.
     adapters = [result.adapter] if result.per_client is None else list(result.per_client.values())
     for adapter in adapters:
@@ -195,10 +187,6 @@ def _check_finite(result, dtype: str) -> None:
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
-    from florist.aggregation import get_aggregator
-    from florist.comm import paper_eff, round_communication
-
-    start = time.perf_counter()
     clients = [Path(c) for c in args.clients]
     if not clients:
         raise AdapterError("no client directories given (zero clients)")
@@ -215,7 +203,16 @@ def run_aggregate(args: argparse.Namespace) -> int:
     _check_out(out, clients, args.overwrite)
     counts = _parse_num_examples(args.num_examples, clients)
     options = _aggregator_options(args)
-    aggregator = get_aggregator(args.method, dtype=DTYPES[args.dtype], **options)
+
+    import torch
+
+    from florist.adapters import write_peft_adapter
+    from florist.aggregation import get_aggregator
+    from florist.comm import paper_eff, round_communication
+    from florist.io import atomic_directory, atomic_write_json
+
+    start = time.perf_counter()  # the summary's times leave out the imports above
+    aggregator = get_aggregator(args.method, dtype=getattr(torch, args.dtype), **options)
 
     updates, described = _read_clients(clients, counts, args.max_bytes)
     base_model = _base_model(described, args.base_model)
@@ -231,7 +228,7 @@ def run_aggregate(args: argparse.Namespace) -> int:
         ) from None
     aggregate_seconds = time.perf_counter() - t0
     _check_finite(result, args.dtype)
-    communication = round_communication(result, updates, wire_dtype=WIRE_DTYPES[args.wire_dtype])
+    communication = round_communication(result, updates, wire_dtype=getattr(torch, args.wire_dtype))
     total = sum(u.num_examples for u in updates)
     for d in described:
         d["weight"] = d["num_examples"] / total

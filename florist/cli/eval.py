@@ -23,15 +23,16 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import florist
 from florist.errors import FloristError
 from florist.io import atomic_write_json
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16")  # torch dtype names; torch is imported when the command runs
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--cutoff_len", "--cutoff-len", type=int, default=512, help="held-out truncation")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--predictions", action="store_true", help="also write every question's prediction")
     p.add_argument(
@@ -126,6 +127,8 @@ def resolve_target(target: str, base: str | None = None) -> Target:
 
 
 def load_target(target: Target, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    import torch
+
     """The model with the adapter folded in, and its tokenizer."""
     from florist.models import load_model
 
@@ -224,6 +227,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from florist.evaluation.heldout import heldout_loss
     from florist.evaluation.mmlu import evaluate_mmlu, load_mmlu, load_mmlu_dev
 
@@ -236,7 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dev = load_mmlu_dev(mmlu_path) if mmlu_path is not None and args.kshot else None
     heldout = _load_heldout(heldout_path) if heldout_path is not None else []
 
-    model, tokenizer = load_target(target, device=args.device, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_target(target, device=args.device, dtype=getattr(torch, args.dtype))
     results: dict[str, Any] = {
         "target": args.target,
         "kind": target.kind,
