@@ -30,6 +30,7 @@ from florist.adapter_files import (  # noqa: F401  (re-exported: the names users
     CONFIG_FILE,
     DEFAULT_MAX_BYTES,
     MAX_JSON_BYTES,
+    MAX_NUM_EXAMPLES,
     NUM_EXAMPLES_FILE,
     PICKLE_FILES,
     WEIGHTS_FILE,
@@ -40,6 +41,7 @@ from florist.io import atomic_directory, atomic_save_safetensors, atomic_write_b
 
 # peft's key layout: base_model.model.<module>.lora_A[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
+_MODULE = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")  # a dotted module path, nothing else
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
 
 
@@ -97,7 +99,9 @@ def _read_small_json(path: Path, what: str) -> Any:
         raise AdapterError(f"{what}: {path.name} is {size} bytes, more than the {MAX_JSON_BYTES} allowed")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:  # e.g. "[" * 100000: never a config, and not worth a traceback
+        raise AdapterError(f"{what}: {path.name} is nested too deeply to be a config") from None
+    except ValueError as e:  # malformed JSON, bad UTF-8, an integer of more than 4300 digits
         raise AdapterError(f"{what}: {path.name} is not valid JSON ({e})") from None
 
 
@@ -143,6 +147,22 @@ def _check_config(config: Any, what: str) -> dict[str, Any]:
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
             raise AdapterError(f"{what}: {flag}=true is not supported (plain LoRA only)")
+    targets = config.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise AdapterError(
+            f"{what}: {CONFIG_FILE} field 'target_modules' must be a string or a list of strings"
+        )
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterError(
+                f"{what}: {CONFIG_FILE} field 'target_modules' is not a valid pattern ({e})"
+            ) from None
     _positive_int(config.get("r"), what, "r")
     _positive_number(config.get("lora_alpha", 8), what, "lora_alpha")
     for field in ("rank_pattern", "alpha_pattern"):
@@ -155,6 +175,15 @@ def _check_config(config: Any, what: str) -> dict[str, Any]:
     if not isinstance(config.get("use_rslora", False), bool):
         raise AdapterError(f"{what}: {CONFIG_FILE} field 'use_rslora' must be true or false")
     return config
+
+
+def _targeted(targets: Any, module: str) -> bool:
+    """Whether peft would put a LoRA on ``module`` under ``target_modules`` (its matching rule)."""
+    if targets is None or targets == "all-linear":  # peft's architecture defaults, or every linear
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def config_rank_and_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
@@ -224,6 +253,13 @@ def read_peft_adapter(
                 f"{what}: unexpected tensor {key!r} in {WEIGHTS_FILE} (only lora_A/lora_B weights)"
             )
         module, factor = match["module"], match["factor"]
+        if not _MODULE.match(module):
+            raise AdapterError(f"{what}: tensor {key!r} does not name a module (a dotted module path)")
+        if not _targeted(config.get("target_modules"), module):
+            raise AdapterError(
+                f"{_where(directory, client_id, module)}: not covered by {CONFIG_FILE}'s target_modules "
+                f"{config.get('target_modules')!r}; peft would not load it"
+            )
         slot = factors.setdefault(module, {})
         if factor in slot:
             raise AdapterError(f"{_where(directory, client_id, module)}: lora_{factor} appears twice")
@@ -276,8 +312,15 @@ def read_num_examples(directory: str | os.PathLike[str], *, client_id: str | Non
             if "num_examples" not in value:
                 raise AdapterError(f"{what}: {name} has no 'num_examples'")
             value = value["num_examples"]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise AdapterError(f"{what}: {name}: num_examples must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_NUM_EXAMPLES:
+            shown = (
+                value
+                if not isinstance(value, int) or value.bit_length() < 64
+                else f"a {len(str(value))}-digit number"
+            )
+            raise AdapterError(
+                f"{what}: {name}: num_examples must be an integer from 1 to 2**53, got {shown!r}"
+            )
         return value
     return None
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from florist.aggregation.base import Adapter, LoraFactors
 from florist.errors import FloristError
-from florist.io import atomic_directory, atomic_write_json, sha256_file
+from florist.io import atomic_directory, atomic_save_safetensors, atomic_write_json, sha256_file
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "florist-checkpoint"
@@ -87,7 +87,9 @@ def _unflatten(
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], scalings: dict[str, float]) -> None:
     # Keys are sorted by safetensors itself; the scalings travel in the header metadata.
-    save_file(tensors, str(path), metadata={"scalings": json.dumps(scalings, sort_keys=True)})
+    # Serialised in memory and written by Python: safetensors' own file writer can report a full
+    # disk in a many-line error, or (writing to /dev/full here) not at all.
+    atomic_save_safetensors(path, tensors, metadata={"scalings": json.dumps(scalings, sort_keys=True)})
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

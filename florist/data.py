@@ -104,7 +104,7 @@ def load_records(path: str | Path) -> list[dict]:
 
     if stripped[0] == "[":
         try:
-            records = json.loads(text)
+            records = _loads(text, path)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     elif stripped[0] == "{":
@@ -122,10 +122,22 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
+def _loads(text: str, path: Path, where: str = "") -> Any:
+    """json.loads, with the errors it raises besides JSONDecodeError as one-line DataErrors."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # "[" * 100000 and the like
+        raise DataError(f"{path}: {where + ': ' if where else ''}JSON nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(f"{path}: {where + ': ' if where else ''}{e}") from None
+
+
 def _parse_jsonl_or_object(text: str, path: Path) -> list[dict]:
     # One JSON value spanning the whole file is a top-level object, which is not a data set.
     try:
-        whole = json.loads(text)
+        whole = _loads(text, path)
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and len(text.strip().splitlines()) > 1:
@@ -138,7 +150,7 @@ def _parse_jsonl_or_object(text: str, path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _loads(line, path, f"line {lineno} (record {len(records)})")
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}: line {lineno} (record {len(records)}): malformed JSON line: {e.msg} at column {e.colno}"

@@ -11,17 +11,43 @@ class FloristError(Exception):
     """An error caused by the user's input or environment, reported in one line."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (temporary files removed)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_cli(fn: Callable[[], int | None]) -> int:
-    """Run a CLI body; bad input (ValueError, FileNotFoundError, FloristError) exits with 2."""
+    """Run a CLI body; bad input (ValueError, FileNotFoundError, FloristError) and a failing disk
+    (no space, read-only: OSError) exit with 2 and one line. SIGTERM cleans up as Ctrl-C does."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(fn)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(fn: Callable[[], int | None]) -> int:
     try:
         code = fn()
         return 0 if code is None else int(code)
-    except (FloristError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (FloristError, ValueError, OSError) as e:
         if os.environ.get("FLORIST_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"florist: error: {msg}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("florist: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process it terminated
     except KeyboardInterrupt:
         print("florist: interrupted", file=sys.stderr)
         return 130

@@ -48,7 +48,7 @@ from florist.checkpoint import CheckpointState, checkpoint_path, load_checkpoint
 from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
 from florist.config import ConfigError, RunConfig
 from florist.errors import FloristError
-from florist.io import atomic_directory, atomic_write_json
+from florist.io import atomic_directory, atomic_write_json, output_lock
 from florist.progress import bar_disabled
 from florist.screening import screen_updates
 
@@ -198,9 +198,7 @@ class Evaluator:
             else data.find_test_file(cfg.data_path, cfg.num_clients)
         )
         if test_file is not None:
-            records = data.load_records(test_file)
-            fmt = data.detect_format(records, test_file)
-            self.heldout = [data.normalize_record(r, fmt) for r in records]
+            self.heldout, _ = data.load_dataset_file(test_file)  # errors name the file and record
         else:
             self.notes.append("no held-out test file (global_test.json): held-out loss skipped")
         mmlu_file = find_mmlu_file(cfg)
@@ -328,8 +326,16 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
 
     ``model``/``tokenizer`` may be passed in (tests, sweeps); otherwise ``cfg.global_model`` is
     loaded once. Outputs in ``cfg.output_dir``: ``adapter/``, ``metrics.json``, ``checkpoint/``
-    and, with ``save_merged``, ``merged/``.
+    and, with ``save_merged``, ``merged/``. The run holds ``cfg.output_dir`` for itself
+    (``florist.io.output_lock``): a second run on it is refused, and an unwritable one is found
+    before any training.
     """
+    cfg.validate()
+    with output_lock(cfg.output_dir):
+        return _run_federated(cfg, model=model, tokenizer=tokenizer)
+
+
+def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, Any]:
     from florist import data
     from florist.lora import LoraHost
     from florist.models import load_model

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from florist.errors import FloristError
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,9 +58,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say which file it refused
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
     _remove_leftovers(path)
@@ -133,3 +137,77 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+LOCK_FILE = ".florist.lock"
+
+
+class OutputBusy(FloristError):
+    """Another process holds the output directory (see ``output_lock``)."""
+
+
+class OutputUnwritable(FloristError):
+    """The output directory cannot be created or written."""
+
+
+def _lock(path: Path) -> int:
+    """An open descriptor of ``path`` holding an exclusive flock; the file is (still) ``path``'s."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputBusy(
+                f"{path.parent}: another florist run (pid {holder}) is writing this output directory; "
+                "wait for it to finish or choose another output directory"
+            ) from None
+        try:  # the holder we waited on may have unlinked the file: lock the current one instead
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``directory`` (created if missing) for one run: an exclusive flock on a lock file in it.
+
+    Two runs writing one directory would each take the other's in-progress temporary files for a
+    crashed run's leftovers and delete them; the second run is refused instead (``OutputBusy``),
+    before it writes anything. The lock dies with its process, so a SIGKILLed run never blocks the
+    next one. Creating the lock file is also the up-front check that the directory is writable
+    (``OutputUnwritable`` otherwise). A directory this call created and that is still
+    empty at the end is removed again: a run that failed early leaves nothing behind.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path)
+    except BaseException as e:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if isinstance(e, OSError):  # read-only, not a directory, no space: say so before any work
+            raise OutputUnwritable(
+                f"{directory}: cannot write to the output directory ({e.strerror or e})"
+            ) from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield directory
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if the run left it empty

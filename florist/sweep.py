@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
 from florist.config import ConfigError, RunConfig
 from florist.federation import find_mmlu_file
-from florist.io import atomic_directory, atomic_write_json, atomic_write_text
+from florist.io import atomic_directory, atomic_write_json, atomic_write_text, output_lock
 from florist.progress import bar_disabled
 from florist.report import (
     METHOD_LABELS,
@@ -666,72 +666,75 @@ def run_sweep(
             return load_model(cfg.global_model, device=cfg.device)
 
     out = Path(cfg.output_dir)
-    t0 = time.perf_counter()
-    if cfg.num_communication_rounds == 1:
-        if save_adapters:
-            with atomic_directory(out / "adapters") as adapters_tmp:
+    with output_lock(out):  # one run per output directory (florist.io)
+        t0 = time.perf_counter()
+        if cfg.num_communication_rounds == 1:
+            if save_adapters:
+                with atomic_directory(out / "adapters") as adapters_tmp:
+                    settings = _sweep_one_round(
+                        cfg, methods, taus, heter, model_factory, adapters_tmp, progress, client_init
+                    )
+            else:
                 settings = _sweep_one_round(
-                    cfg, methods, taus, heter, model_factory, adapters_tmp, progress, client_init
+                    cfg, methods, taus, heter, model_factory, None, progress, client_init
                 )
-        else:
-            settings = _sweep_one_round(cfg, methods, taus, heter, model_factory, None, progress, client_init)
-        mode = "single-training"
-        groups = "; ".join(
-            f"{s['name']}: {len(s['training_groups'])} ("
-            + ", ".join(
-                f"{'+'.join(g['methods'])} with {g['client_init'].replace('_', '-')} inits"
-                + (" and A frozen" if g["frozen_A"] else "")
-                for g in s["training_groups"]
+            mode = "single-training"
+            groups = "; ".join(
+                f"{s['name']}: {len(s['training_groups'])} ("
+                + ", ".join(
+                    f"{'+'.join(g['methods'])} with {g['client_init'].replace('_', '-')} inits"
+                    + (" and A frozen" if g["frozen_A"] else "")
+                    for g in s["training_groups"]
+                )
+                + ")"
+                for s in settings
             )
-            + ")"
-            for s in settings
-        )
-        note = (
-            "1 round: the clients were trained once per training group (rank setting, client init, frozen A) "
-            f"and every method and τ of a group aggregated the same client adapters. Groups trained: {groups}."
-        )
-    else:
-        settings, note = _sweep_rounds(
-            cfg, methods, taus, heter, model_factory, out / "runs", progress, client_init
-        )
-        mode = "separate-runs"
+            note = (
+                "1 round: the clients were trained once per training group (rank setting, client init, frozen A) "
+                f"and every method and τ of a group aggregated the same client adapters. Groups trained: {groups}."
+            )
+        else:
+            settings, note = _sweep_rounds(
+                cfg, methods, taus, heter, model_factory, out / "runs", progress, client_init
+            )
+            mode = "separate-runs"
 
-    has_mmlu = any((r.get("eval") or {}).get("mmlu") for s in settings for r in s["rows"])
-    source = select_by if select_by != "auto" else ("mmlu" if has_mmlu else "heldout")
-    for s in settings:
-        finish_setting(s, e_tolerance=e_tolerance, score_source=source)
-    unit = "nats" if source == "loss" else "points"
-    sweep = {
-        "kind": "florist-sweep",
-        "model": cfg.global_model,
-        "mode": mode,
-        "note": note,
-        "rounds": cfg.num_communication_rounds,
-        "methods": list(methods),
-        "thresholds": taus,
-        "e_tolerance": e_tolerance,
-        "client_init": client_init,
-        "selection_rule": (
-            f"FLoRIST-O: the τ with the {'lowest' if source == 'loss' else 'highest'} {SCORE_NAMES[source]}. "
-            f"FLoRIST-E: the τ with the highest Eff whose score is within {e_tolerance} {unit} of FLoRIST-O's."
-        ),
-        "score": {
-            "name": SCORE_NAMES[source],
-            "source": source,
-            "unit": "nats" if source == "loss" else "%",
-            "higher_is_better": source != "loss",
-        },
-        "seconds": time.perf_counter() - t0,
-        "config": cfg.to_dict(),
-        "settings": settings,
-    }
-    atomic_write_json(out / "sweep.json", sweep)
-    atomic_write_text(out / "sweep.md", sweep_markdown(sweep))
-    if report:
-        from florist.report import write_report
+        has_mmlu = any((r.get("eval") or {}).get("mmlu") for s in settings for r in s["rows"])
+        source = select_by if select_by != "auto" else ("mmlu" if has_mmlu else "heldout")
+        for s in settings:
+            finish_setting(s, e_tolerance=e_tolerance, score_source=source)
+        unit = "nats" if source == "loss" else "points"
+        sweep = {
+            "kind": "florist-sweep",
+            "model": cfg.global_model,
+            "mode": mode,
+            "note": note,
+            "rounds": cfg.num_communication_rounds,
+            "methods": list(methods),
+            "thresholds": taus,
+            "e_tolerance": e_tolerance,
+            "client_init": client_init,
+            "selection_rule": (
+                f"FLoRIST-O: the τ with the {'lowest' if source == 'loss' else 'highest'} {SCORE_NAMES[source]}. "
+                f"FLoRIST-E: the τ with the highest Eff whose score is within {e_tolerance} {unit} of FLoRIST-O's."
+            ),
+            "score": {
+                "name": SCORE_NAMES[source],
+                "source": source,
+                "unit": "nats" if source == "loss" else "%",
+                "higher_is_better": source != "loss",
+            },
+            "seconds": time.perf_counter() - t0,
+            "config": cfg.to_dict(),
+            "settings": settings,
+        }
+        atomic_write_json(out / "sweep.json", sweep)
+        atomic_write_text(out / "sweep.md", sweep_markdown(sweep))
+        if report:
+            from florist.report import write_report
 
-        write_report(out)
-    return sweep
+            write_report(out)
+        return sweep
 
 
 def sweep_markdown(sweep: dict[str, Any]) -> str:

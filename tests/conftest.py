@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # florist imports torch, which must come after OMP_WAIT_POLIC
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
+# The only wall-clock limit a test may set: a guard against a hang, far above any correct run
+# however busy the machine (a slow machine is not a failure).
+HANG_GUARD = 3600
 SHARED_DATA = Path(os.environ.get("FLORIST_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -75,6 +78,18 @@ def write_federated_data(root: Path, num_clients: int, *, per_client: int = 6, t
 def federated_data(tmp_path: Path) -> Callable[..., Path]:
     """``federated_data(num_clients, **kw)`` writes a tiny paper-layout data set under tmp_path."""
     return lambda num_clients, **kw: write_federated_data(tmp_path / "data", num_clients, **kw)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama saved as a model directory, for runs through the command lines."""
+    from florist.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = tiny_llama(seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def tiny_run_config(data: Path, out: Path, **overrides: object) -> RunConfig:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 
 from florist.cli import main
-from florist.models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_FLAGS = [
@@ -27,15 +27,6 @@ BASE_FLAGS = [
     "--local_micro_batch_size", "2", "--local_max_steps", "1", "--cutoff_len", "64", "--lora_r", "2",
     "--lora_alpha", "4", "--evaluate", "False", "--precision", "fp32", "--device", "cpu",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def client_file(data: Path, k: int) -> Path:
@@ -46,6 +37,13 @@ def drop_field(data: Path) -> None:
     records = json.loads(client_file(data, 0).read_text())
     del records[3]["response"]
     client_file(data, 0).write_text(json.dumps(records))
+
+
+def drop_test_field(data: Path) -> None:
+    path = data / "3" / "global_test.json"
+    records = json.loads(path.read_text())
+    del records[2]["response"]
+    path.write_text(json.dumps(records))
 
 
 def broken_jsonl(data: Path) -> None:
@@ -67,6 +65,24 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
     ),
     "malformed JSONL": (broken_jsonl, [], ["{file 2}", "line 2 (record 1): malformed JSON line"]),
     "missing field": (drop_field, [], ["{file 0}", "record 3: missing field 'response'"]),
+    # once "record: missing field 'response'", naming neither the file nor the record
+    "missing field in global_test.json": (
+        drop_test_field,
+        ["--evaluate", "True"],
+        ["{data}/3/global_test.json: record 2: missing field 'response'"],
+    ),
+    "deeply nested client file": (  # once a RecursionError traceback
+        lambda d: client_file(d, 1).write_text("[" * 100_000),
+        [],
+        ["{file 1}", "JSON nested too deeply"],
+    ),
+    "deeply nested JSON line": (
+        lambda d: client_file(d, 1).write_text(
+            '{"instruction": "a", "response": "b"}\n' + '{"a": ' * 100_000 + "\n"
+        ),
+        [],
+        ["{file 1}", "line 2 (record 1): JSON nested too deeply"],
+    ),
     "empty client file": (lambda d: client_file(d, 1).write_text(""), [], ["{file 1}", "the file is empty"]),
     "client file with no records": (
         lambda d: client_file(d, 2).write_text("[]"),
@@ -164,7 +180,7 @@ def test_paper_main_py_with_a_bad_threshold(tmp_path: Path, federated_data) -> N
     proc = subprocess.run(
         [sys.executable, "main.py", "--data_path", str(data), "--output_dir", str(out), "--num_clients", "3",
          "--florist", "True", "--threshold", "1.5"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "florist: error: threshold (tau) must be in (0, 1], got 1.5"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -226,7 +227,7 @@ def test_fedit_through_the_console_entry_point(tmp_path: Path) -> None:
         str(out),
         *map(str, dirs),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr
     assert "fedit over 2 clients" in proc.stdout
     p = weights(counts)
@@ -301,6 +302,19 @@ def _edit_tensors(directory: Path, fn) -> None:
     save_file(tensors, weights_file)
 
 
+def _rename(module: str, to: str):
+    def fn(t: dict) -> None:
+        for factor in "AB":
+            t[_key(to, factor)] = t.pop(_key(module, factor))
+
+    return fn
+
+
+def _edit_config(directory: Path, **fields) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 def _poison(value: float):
     def fn(t: dict) -> None:
         t[_key(Q1, "B")][1, 2] = value
@@ -365,12 +379,38 @@ BAD_INPUT = {
         False,
     ),
     "pickle": (_pickle, [], "pickle", False),
-    "zero examples": (lambda d: None, ["--num-examples", "4,0"], "num_examples must be positive", False),
+    "zero examples": (lambda d: None, ["--num-examples", "4,0"], "must be from 1 to 2**53", False),
+    "digit separators": (lambda d: None, ["--num-examples", "4,1_000"], "not a plain decimal integer", False),
+    "non-ASCII digits": (lambda d: None, ["--num-examples", "4,\u0664\u0665"], "not a plain decimal", False),
     "zero examples file": (
         lambda d: (d / "florist_client.json").write_text('{"num_examples": 0}'),
         [],
-        "positive integer",
+        "an integer from 1 to 2**53",
         False,
+    ),
+    "10**400 examples": (  # once an OverflowError traceback in the FedAvg weights
+        lambda d: (d / "florist_client.json").write_text('{"num_examples": 1' + "0" * 400 + "}"),
+        [],
+        "an integer from 1 to 2**53, got 'a 401-digit number'",
+        False,
+    ),
+    "deeply nested config": (  # once a RecursionError traceback
+        lambda d: (d / "adapter_config.json").write_text("[" * 100_000),
+        [],
+        "adapter_config.json is nested too deeply",
+        False,
+    ),
+    "module path traversal": (
+        lambda d: _edit_tensors(d, _rename(Q1, "../../../x")),
+        [],
+        "does not name a module",
+        False,
+    ),
+    "modules outside target_modules": (
+        lambda d: _edit_config(d, target_modules=["k_proj", "o_proj"]),
+        [],
+        "not covered by adapter_config.json's target_modules",
+        False,  # names the first module it meets
     ),
     "ffa A differ": (_other_A, ["--method", "ffa"], "shared frozen A", True),
     "oversized": (_padded, ["--max-bytes", "9000"], "more than the limit of 9000", False),

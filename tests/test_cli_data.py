@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_shared
+from conftest import HANG_GUARD, REPO, require_shared
 
 from florist.cli import data as data_cli
 from florist.data import load_client_datasets, load_dataset_file
@@ -153,7 +153,7 @@ def test_fetch_offline_fails_fast_in_one_line(tmp_path: Path, offline_env: dict[
         "args = parser.parse_args(['data', *sys.argv[1:]]); sys.exit(run_cli(lambda: args.func(args)))"
     )
     cmd = [sys.executable, "-c", code, "fetch", "dolly", "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.count("\n") == 0, err

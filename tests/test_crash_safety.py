@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD
 from safetensors.torch import load_file
 
 from florist.adapters import read_peft_adapter
@@ -203,7 +204,7 @@ def test_sigkilled_writer_never_leaves_a_partial_file(tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.2, 0.8))
         finally:
             proc.kill()
-            proc.wait(timeout=30)
+            proc.wait(timeout=HANG_GUARD)
         data = target.read_bytes()
         assert len(data) == size and data in (b"A" * size, b"B" * size)
         assert all(TEMP_NAME.match(name) for name in os.listdir(tmp_path) if name != "blob")
@@ -318,7 +319,7 @@ def run_until_killed(args: list[str], delay: float) -> tuple[int | None, list[st
         stderr=subprocess.STDOUT,
         text=True,
     )
-    watchdog = threading.Timer(240, proc.kill)  # never hang the suite
+    watchdog = threading.Timer(HANG_GUARD, proc.kill)  # never hang the suite
     watchdog.start()
     lines: list[str] = []
     try:
@@ -328,7 +329,7 @@ def run_until_killed(args: list[str], delay: float) -> tuple[int | None, list[st
                 time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 break
-        proc.wait(timeout=60)
+        proc.wait(timeout=HANG_GUARD)
     finally:
         watchdog.cancel()
         proc.kill()

@@ -22,7 +22,8 @@ from florist.flower.local import LocalFederation
 from florist.models import tiny_llama
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
-RUN_TIMEOUT = 420.0  # seconds; a run that takes longer is stopped and the test fails (no hang)
+# Only a guard against a hang: far above any correct run, however busy the machine.
+RUN_TIMEOUT = 3600.0
 
 
 def start_federation(work: Path, data: Path) -> LocalFederation:
@@ -64,7 +65,9 @@ def test_flower_run_equals_in_process_run(federation, method, heter):
     expected = run_federated(cfg, model=model, tokenizer=tokenizer)
 
     fcfg = tiny_config(data, root / f"flower-{method}", method, heter=heter)
-    metrics = flower_run(fed, app, fcfg, FlowerOptions(round_timeout=300, node_wait_timeout=120))
+    metrics = flower_run(
+        fed, app, fcfg, FlowerOptions(round_timeout=RUN_TIMEOUT, node_wait_timeout=RUN_TIMEOUT)
+    )
 
     assert_same_adapter(
         root / f"inproc-{method}" / "adapter", root / f"flower-{method}" / "adapter", atol=1e-5
@@ -91,13 +94,14 @@ def test_flower_run_equals_in_process_run(federation, method, heter):
 
 
 def test_supernode_killed_mid_round(tmp_path):
-    """min-clients=2: round 2 finishes with the two survivors after the round timeout; the
-    checkpoint of round 1 stays valid throughout, and the run ends in bounded time."""
+    """min-clients=2: round 2 finishes with the two survivors once the SuperLink reports the dead
+    node (missed heartbeats), an event, not a timeout: the round timeout is far above any round.
+    The checkpoint of round 1 stays valid throughout; the failure is recorded once, with its cause."""
     data = write_tiny_data(tmp_path / "data")
     app = write_app_project(tmp_path / "app")
     out = tmp_path / "flower"
     cfg = tiny_config(data, out, "florist", heter=True, min_clients=2)
-    options = FlowerOptions(round_timeout=30, node_wait_timeout=120)
+    options = FlowerOptions(round_timeout=RUN_TIMEOUT, node_wait_timeout=RUN_TIMEOUT)
     with start_federation(tmp_path / "processes", data) as fed:
         run_id = fed.start_run(app, run_config_values(cfg, options))
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -108,16 +112,16 @@ def test_supernode_killed_mid_round(tmp_path):
         fed.kill(fed.supernodes[2])  # client_2's machine dies as round 2 starts
         assert load_checkpoint(out).completed_round == 1
 
-        started = time.monotonic()
         outcome = fed.wait(run_id, timeout=RUN_TIMEOUT)
         assert outcome.completed, fed.run_logs(run_id)[-4000:]
-        assert time.monotonic() - started < 4 * options.round_timeout + 60  # bounded, no hang
         assert fed.superlink.alive()
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rounds"][0]["clients"] == ["client_0", "client_1", "client_2"]
     assert metrics["rounds"][1]["clients"] == ["client_0", "client_1"]
-    assert [f["client"] for f in metrics["flower"]["failures"]] == ["client_2"]
+    (failure,) = metrics["flower"]["failures"]  # once, not also as an anonymous SuperLink node
+    assert failure["client"] == "client_2" and failure["round"] == 2, failure
+    assert failure["reason"].startswith("no reply from the node: Error: Node Unavailable"), failure
     state = load_checkpoint(out)
     assert state.completed_round == 2 and len(state.merged) == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()

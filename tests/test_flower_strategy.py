@@ -110,6 +110,9 @@ class FakeGrid:
         }
         self.down: set[int] = set()
         self.fail_in_round: dict[int, int] = {}  # node id -> round in which it stops answering
+        # As a real SuperLink does once a dead node misses its heartbeats: answer for it with an
+        # error reply of its own (sender: the SuperLink) that names only the original message.
+        self.link_reports_down = False
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
@@ -125,6 +128,15 @@ class FakeGrid:
                 node in self.fail_in_round and self.fail_in_round[node] == config.get("round")
             ):
                 self.down.add(node)
+                if self.link_reports_down:
+                    from flwr.server.superlink.linkstate.utils import (
+                        create_message_error_unavailable_res_message,
+                    )
+
+                    message.metadata.__dict__["_message_id"] = message.object_id  # as the grid sends it
+                    replies.append(
+                        create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+                    )
                 continue  # a dead node: the server only sees its silence
             try:
                 replies.append(client_app.app(message, self.contexts[node]))
@@ -313,6 +325,23 @@ def test_round_with_too_few_clients_fails_clearly_and_keeps_the_checkpoint(tmp_p
     metrics = run_flower_server(grid2, cfg2, FlowerOptions(round_timeout=5, node_wait_timeout=1))
     assert metrics["rounds"][1]["clients"] == ["client_0", "client_1"]
     assert (tmp_path / "flower2" / "adapter" / "adapter_model.safetensors").exists()
+    (failure,) = metrics["flower"]["failures"]
+    assert failure == {"round": 2, "node_id": 1002, "client": "client_2", "reason": failure["reason"]}
+    assert failure["reason"].startswith("no reply within the round timeout")
+
+
+def test_a_node_the_superlink_reports_down_is_one_failure_with_its_cause(tmp_path):
+    # Once recorded twice: as the SuperLink's anonymous node (node 1, no client) and as a timeout.
+    data = write_tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "flower", "florist", heter=True, min_clients=2)
+    grid = FakeGrid(cfg, data, RANKS)
+    grid.fail_in_round[1002] = 2
+    grid.link_reports_down = True
+    metrics = run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    assert metrics["rounds"][1]["clients"] == ["client_0", "client_1"]
+    (failure,) = metrics["flower"]["failures"]
+    assert (failure["round"], failure["node_id"], failure["client"]) == (2, 1002, "client_2")
+    assert failure["reason"].startswith("no reply from the node: Error: Node Unavailable"), failure
 
 
 def test_resume_with_fresh_nodes_resends_merged_updates_and_matches(tmp_path):

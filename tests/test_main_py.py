@@ -11,6 +11,7 @@ from pathlib import Path
 
 import fire
 import pytest
+from conftest import HANG_GUARD
 
 from florist.config import ConfigError
 
@@ -140,7 +141,7 @@ def test_bad_flag_is_one_line_exit_2():
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 2
     assert (
@@ -175,7 +176,7 @@ def test_readme_command_on_smollm2_and_dolly(tmp_path, dolly_dir, mmlu_subset):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

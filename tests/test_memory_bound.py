@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -67,7 +68,7 @@ def extra_peak(m: int, n: int, *, clients: int, rank: int, modules: int, decompo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     args = [str(x) for x in (m, n, clients, rank, modules, decomposition)]
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=HANG_GUARD
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_config
+from conftest import HANG_GUARD, tiny_run_config
 
 import florist.training
 from florist.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
@@ -104,14 +104,14 @@ def test_sigkill_after_round_one_then_resume_is_bit_identical(tmp_path, federate
     )
     try:
         state = checkpoint_path(cfg.output_dir) / "state.json"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD
         while not state.exists():
             assert child.poll() is None, child.stdout.read().decode()
-            assert time.monotonic() < deadline, "no round-1 checkpoint within 120 s"
+            assert time.monotonic() < deadline, f"no round-1 checkpoint within {HANG_GUARD} s"
             time.sleep(0.1)
     finally:
         child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=HANG_GUARD)
     killed = Path(cfg.output_dir)
     assert not (killed / "metrics.json").exists() and not (killed / "adapter").exists()
     assert load_checkpoint(killed).completed_round == 1

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import florist
-from florist.adapter_files import CLIENT_INFO_FILE, DEFAULT_MAX_BYTES, NUM_EXAMPLES_FILE, AdapterError
+from florist.adapter_files import (
+    CLIENT_INFO_FILE,
+    DEFAULT_MAX_BYTES,
+    MAX_NUM_EXAMPLES,
+    NUM_EXAMPLES_FILE,
+    AdapterError,
+)
 from florist.config import METHODS
 
 # torch, the aggregators and the adapter reader are imported when the command runs, so that
@@ -72,12 +78,12 @@ def _parse_num_examples(text: str | None, clients: list[Path]) -> list[int | Non
         raise AdapterError(f"--num-examples has {len(parts)} values for {len(clients)} client directories")
     counts: list[int | None] = []
     for client, part in zip(clients, parts):
-        try:
-            n = int(part)
-        except ValueError:
-            raise AdapterError(f"{client}: --num-examples value {part!r} is not an integer") from None
-        if n <= 0:
-            raise AdapterError(f"{client}: num_examples must be positive, got {n}")
+        # Plain ASCII decimals only: int() would also take "1_000" and other scripts' digits.
+        if not (part.isascii() and part.isdigit()):
+            raise AdapterError(f"{client}: --num-examples value {part!r} is not a plain decimal integer")
+        n = int(part)
+        if not 0 < n <= MAX_NUM_EXAMPLES:
+            raise AdapterError(f"{client}: --num-examples value {part!r} must be from 1 to 2**53")
         counts.append(n)
     return counts
 

@@ -173,7 +173,7 @@ class LocalFederation:
             f"{process.name} did not listen on port {process.port} within {timeout:.0f}s:\n{_tail(process.log)}"
         )
 
-    def start_superlink(self, *, timeout: float = 60.0) -> Process:
+    def start_superlink(self, *, timeout: float = 600.0) -> Process:
         port = free_port()
         argv = [_bin("flower-superlink"), "--insecure", "--host", HOST, "--port", str(port)]
         argv += ["--disable-runtime-dependency-installation"]  # offline machines: never `uv sync`
@@ -185,7 +185,7 @@ class LocalFederation:
         )
         return self.superlink
 
-    def start_supernode(self, node_config: Mapping[str, Any], *, timeout: float = 60.0) -> Process:
+    def start_supernode(self, node_config: Mapping[str, Any], *, timeout: float = 600.0) -> Process:
         if self.superlink is None:
             raise FederationError("start the SuperLink first")
         port = free_port()
@@ -239,7 +239,7 @@ class LocalFederation:
 
     # --- flwr CLI ----------------------------------------------------------------------------
 
-    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def flwr(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
                 [_bin("flwr"), *args],

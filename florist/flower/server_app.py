@@ -96,7 +96,16 @@ def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[st
 
 
 def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
-    """The whole server side of a Flower run; returns the metrics it also writes."""
+    """The whole server side of a Flower run; returns the metrics it also writes. Like ``florist
+    run``, it holds its output directory for itself (``florist.io.output_lock``)."""
+    from florist.io import output_lock
+
+    cfg.validate()
+    with output_lock(cfg.output_dir):
+        return _run_flower_server(grid, cfg, options)
+
+
+def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
     from florist.checkpoint import load_checkpoint
     from florist.federation import run_totals
     from florist.io import atomic_write_json

@@ -205,10 +205,13 @@ class FloristStrategy(FedAvg):
             node_config = ConfigRecord({"round": rnd, "upload-factors": upload})
             records = self._broadcast_records(node, rnd, node_config)
             content = RecordDict({protocol.CONFIG: node_config, **records})
-            messages.append(
-                Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(rnd))
+            message = Message(
+                content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(rnd)
             )
-            self._sent[node.node_id] = {"round": rnd}
+            messages.append(message)
+            # The grid gives the message its id when it sends it; a SuperLink error reply (node
+            # down) comes from the SuperLink itself and names only that id.
+            self._sent[node.node_id] = {"round": rnd, "message": message}
         log(INFO, "florist: round %d: training %s", rnd, [n.client_id for n in nodes])
         self._round_started = time.perf_counter()
         return messages
@@ -250,6 +253,17 @@ class FloristStrategy(FedAvg):
                 )
 
     # --- aggregation -------------------------------------------------------------------------
+
+    def _replier(self, reply: Message) -> int:
+        """The node a reply is about: its sender, or for the SuperLink's error reply about a node
+        that went down, the node the original message was sent to."""
+        sender, about = reply.metadata.src_node_id, reply.metadata.reply_to_message_id
+        if sender in self._sent or not about:
+            return sender
+        for node_id, sent in self._sent.items():
+            if sent["message"].metadata.message_id == about:
+                return node_id
+        return sender
 
     def _decode_reply(self, reply: Message, rnd: int) -> ClientUpdate:
         node_id = reply.metadata.src_node_id
@@ -300,9 +314,12 @@ class FloristStrategy(FedAvg):
         uploads: dict[str, ArrayRecord] = {}
         replies = list(replies)
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = self._replier(reply)
             if reply.has_error():
-                self._failure(rnd, node_id, f"training failed: {reply.error.reason}")
+                # From the SuperLink itself: the node went down (no heartbeat) or its reply expired.
+                by_link = node_id != reply.metadata.src_node_id
+                what = "no reply from the node" if by_link else "training failed"
+                self._failure(rnd, node_id, f"{what}: {reply.error.reason}")
                 continue
             try:
                 update = self._decode_reply(reply, rnd)
@@ -325,7 +342,7 @@ class FloristStrategy(FedAvg):
         missing = sorted(
             self.nodes[n].client_id for n in self._sent if self.nodes[n].partition_id not in updates
         )
-        answered = {reply.metadata.src_node_id for reply in replies}
+        answered = {self._replier(reply) for reply in replies}
         for node_id in self._sent:
             if node_id not in answered:
                 self._failure(rnd, node_id, "no reply within the round timeout (node down or too slow)")
