@@ -645,6 +645,8 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         "aggregating the very same client adapters, so it isolates the aggregation's own error.",
         f"- {doc['selection_rule']} Both are chosen among the τ grid {', '.join(f'{t:.2f}' for t in b['thresholds'])} "
         "under either init, on held-out loss because MMLU cannot separate configurations at this size.",
+        "- τ = 1.00 has no row of its own: FLoRIST at τ=1 keeps every nonzero singular value of the stack, so "
+        "its update is FLoRA's exactly (`test_florist_tau_one_matches_dense_svd`), and FLoRA's row is τ=1.00.",
         "",
         "```",
         command,
@@ -724,6 +726,8 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         "![FLoRIST energy curves, heterogeneous](img/results_heterogeneous_energy_curves.png)",
         "",
         "![client training losses, homogeneous](img/results_homogeneous_loss_curves.png)",
+        "",
+        "![client training losses, heterogeneous](img/results_heterogeneous_loss_curves.png)",
         "",
         "## What these numbers cannot show",
         "",
