@@ -37,7 +37,7 @@ from florist.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from florist.io import atomic_directory, atomic_write_bytes, atomic_write_json
+from florist.io import LOCK_FILE, atomic_directory, atomic_write_bytes, atomic_write_json
 from florist.models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,8 +295,8 @@ def assert_whole(out: Path) -> int:
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
         hidden = [part for part in rel.parts if part.startswith(".")]
-        if hidden:  # a write in progress when the kill came: never read by florist
-            assert TEMP_NAME.match(hidden[0]), rel
+        if hidden:  # a write in progress when the kill came, or the dead run's lock: never read
+            assert TEMP_NAME.match(hidden[0]) or hidden[0] == LOCK_FILE, rel
             continue
         if path.suffix == ".json":
             json.loads(path.read_text())
