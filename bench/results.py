@@ -385,7 +385,7 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
                 d, ci = paired(main, name, row, flora)
                 same = find(s, "flora", row["client_init"])
                 text = compare(d, ci, label, "FLoRA (per-client init, its default)") + beyond_seeds(d, noise)
-                if same is not None and row.get("delta_vs_flora_ci95") is not None:
+                if same is not None and row.get("flora_reference") == "same uploads":
                     text += (
                         f"; against FLoRA on the very same uploads ({row['client_init'].replace('_', '-')} init) "
                         f"the difference is {row['delta_vs_flora']:+.4f} nats (95% CI {fmt_ci(row['delta_vs_flora_ci95'])}), "
