@@ -589,6 +589,7 @@ def render(out: Path, docs: Path, command: str) -> dict[str, Any]:
         "machine": experiment["machine"],
         "wall_time_s": experiment["wall_time_s"],
         "phases_s": experiment["phases_s"],
+        "wall_time_note": experiment.get("note"),  # what else ran beside it, if anything
         "budget": {
             "optimizer_steps_per_client": budget["steps"],
             "records_per_client": budget["records_per_client"],
@@ -598,6 +599,7 @@ def render(out: Path, docs: Path, command: str) -> dict[str, Any]:
             "rounds": 1,
             "seeds": budget["seeds"],
             "heldout_records": heldout_records,
+            "heldout_records_in_file": len(json.loads((out / "heldout.json").read_text())),
             "thresholds": budget["thresholds"],
         },
         "settings": result["settings"],
@@ -622,7 +624,8 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}. "
         f"Wall time of the whole experiment: **{doc['wall_time_s'] / 60:.1f} min** "
-        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in doc['phases_s'].items())}).",
+        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in doc['phases_s'].items())})."
+        + (f" {doc['wall_time_note']}" if doc.get("wall_time_note") else ""),
         "",
         "## Setup",
         "",
@@ -634,8 +637,10 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         f"learning rate {b['learning_rate']:g} (linear decay, no warm-up), cutoff {b['cutoff_len']}, dropout "
         "0.05, bf16 autocast. The paper uses 3e-4 over 3 epochs of all the data; a few steps need a larger "
         "rate to move the model measurably.",
-        f"- Held-out data: **{b['heldout_records']} records**, Dolly's global_test.json plus a fixed sample of "
-        "each client's records that no client trained on. Loss over response tokens, float32.",
+        f"- Held-out data: **{b['heldout_records']} records** scored, Dolly's global_test.json plus a fixed sample of "
+        "each client's records that no client trained on. Loss over response tokens, float32. "
+        f"The held-out file holds {b.get('heldout_records_in_file', b['heldout_records'])} records; those whose "
+        f"prompt fills the cutoff of {b['cutoff_len']} tokens have no response token left to score.",
         "- Intervals: 95% percentile bootstrap over held-out records (4,000 resamples). Differences are "
         "paired: both models scored on the same records in every resample. They measure the held-out "
         "sample's uncertainty; training randomness is shown by the second seed below.",
