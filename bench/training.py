@@ -370,7 +370,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"(target ≥ 1.3×); against the plain fp32 Trainer {results['speedup_vs_hf']:.2f}×. After the same "
         f"{results['examples']} examples both score Dolly's held-out global_test.json at "
         f"{t['hf_trainer_best']['heldout_loss']:.4f} (Trainer) and {t['florist_default']['heldout_loss']:.4f} "
-        "(florist); the difference comes from their different random streams (init, dropout, order).",
+        "(florist), with different random streams (init, dropout, order).",
         "",
         "What makes the difference, switched on one at a time (rows above):",
         "",
@@ -399,12 +399,13 @@ def markdown(results: dict[str, Any]) -> str:
         )
     else:
         lines.append(
-            "- **torch.compile** (`dynamic=True`, the decoder; `--compile` measures it): 237 s to compile on this "
-            "machine, then 13 tokens/s, because packed lengths change from batch to batch and recompile."
+            "- **torch.compile** (`dynamic=True`, the decoder; `--compile` measures it; not run here, measured "
+            "once on 2026-11-30): 237 s to compile, then 13 tokens/s, because packed lengths change from batch "
+            "to batch and recompile."
         )
     lines += [
         "- **Flash attention for short examples**: its CPU backward has a large fixed cost; up to 128 "
-        "tokens the plain matmul-softmax is up to 2× faster, beyond that flash is used (it also does not keep "
+        "tokens the plain matmul-softmax is up to 2× faster (measured while building the fast path, not by this script), beyond that flash is used (it also does not keep "
         "the L×L probabilities).",
         "",
         f"A small client, as in the README's main.py command (8 records in one step of cutoff 256, the first "
