@@ -341,7 +341,6 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     from florist.models import load_model
     from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A
 
-    cfg.validate()
     if cfg.client_selection_strategy != "random":
         raise ConfigError(
             f"client_selection_strategy must be 'random', got {cfg.client_selection_strategy!r}"

@@ -110,7 +110,6 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
     from florist.federation import run_totals
     from florist.io import atomic_write_json
 
-    cfg.validate()
     if cfg.save_merged:
         raise ConfigError(
             "save-merged is not supported by the Flower app; merge adapter/ into the base with peft"
