@@ -8,7 +8,9 @@ parameters times the item size of the wire dtype (float32 by default; ``None`` =
 dtype).
 
 The paper's ``Eff = 1 / sum_modules (broadcast rank)``, one factor counting half (FFA sends only
-B). ``shape_communication`` and ``eff_for_shapes`` give the same quantities from module shapes and
+B; FedSA-LoRA and RoLoRA one factor too), plus the rank of any update folded into the base beside
+it (FedEx-LoRA's residual, ``result.base_update``, sent with both factors). ``shape_communication``
+and ``eff_for_shapes`` give the same quantities from module shapes and
 ranks alone, to reproduce the paper's tables for models we do not load.
 """
 
@@ -36,6 +38,8 @@ def paper_eff(result: GlobalResult) -> float:
     """1 / sum over modules of the broadcast rank, weighted by the share of factors downloaded."""
     weight = len(result.downloaded_factors) / 2
     total = sum(result.ranks.values()) * weight
+    # FedEx-LoRA's residual goes down with both factors, beside the adapter clients continue from.
+    total += sum(f.rank for f in (result.base_update or {}).values())
     if total <= 0:
         raise ValueError(f"{result.method} result broadcasts nothing (sum of ranks is 0)")
     return 1.0 / total
@@ -54,6 +58,7 @@ def round_communication(
         sent += [
             (name, "down", getattr(f, k)) for name, f in received.items() for k in result.downloaded_factors
         ]
+        sent += [(name, "down", t) for name, f in (result.base_update or {}).items() for t in (f.A, f.B)]
         for name, direction, tensor in sent:
             params, size = tensor.numel(), tensor.numel() * _itemsize(tensor, wire_dtype)
             for counter in (c, modules.setdefault(name, _counter())):

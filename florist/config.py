@@ -19,6 +19,9 @@ PAD_TO_MULTIPLE_OF = 32
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HETER_RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+# The methods published after FLoRIST (docs/methods.md), in the order the tables list them.
+NEWER_METHODS = ("fedex", "fedsa", "rolora", "hetlora", "lorafair")
+ALL_METHODS = METHODS + NEWER_METHODS
 CLIENT_INITS = ("shared", "per_client")
 
 
@@ -101,8 +104,8 @@ class RunConfig:
         return max(self.client_rank(k) for k in range(self.num_clients))
 
     def validate(self) -> RunConfig:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in ALL_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(ALL_METHODS)}, got {self.method!r}")
         if self.client_init not in (None, *CLIENT_INITS):
             raise ConfigError(f"client_init must be shared or per_client, got {self.client_init!r}")
         if self.client_init is not None:
@@ -136,8 +139,14 @@ class RunConfig:
                 f"local_batch_size ({self.local_batch_size}) must be a multiple of "
                 f"local_micro_batch_size ({self.local_micro_batch_size})"
             )
-        if self.method in ("fedit",) and self.heter:
-            raise ConfigError("fedit needs homogeneous ranks; with --heter use zeropad (--zero_padding True)")
+        from florist.aggregation import AGGREGATORS
+
+        if self.heter and not AGGREGATORS[self.method].supports_heterogeneous:
+            # the paper of the method gives no rule for averaging factors of different ranks
+            raise ConfigError(
+                f"{self.method} needs homogeneous ranks; with --heter use zeropad (--zero_padding True), "
+                "hetlora, flexlora, flora or florist"
+            )
         if self.aggregation_dtype not in ("float64", "float32"):
             raise ConfigError(f"aggregation_dtype must be float64 or float32, got {self.aggregation_dtype!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -82,7 +82,9 @@ def homo() -> list[ClientUpdate]:
 
 
 def test_registry_has_every_method():
-    assert available_methods() == ["fedit", "ffa", "flexlora", "flora", "florist", "zeropad"]
+    assert available_methods() == [
+        "fedex", "fedit", "fedsa", "ffa", "flexlora", "flora", "florist", "hetlora", "lorafair", "rolora", "zeropad"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'"):
         get_aggregator("fedavg")
 

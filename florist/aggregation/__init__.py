@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from florist.aggregation import fedit, ffa, flexlora, flora, florist, zeropad  # noqa: F401  (registers)
+from florist.aggregation import (  # noqa: F401  (registers)
+    fedex,
+    fedit,
+    fedsa,
+    ffa,
+    flexlora,
+    flora,
+    florist,
+    hetlora,
+    lorafair,
+    rolora,
+    zeropad,
+)
 from florist.aggregation.base import (
     AGGREGATORS,
     Adapter,

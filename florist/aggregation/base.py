@@ -85,6 +85,17 @@ class GlobalResult:
     downloaded_factors: tuple[Factor, ...] = ("A", "B")
     uploaded_factors: tuple[Factor, ...] = ("A", "B")
     options: dict[str, object] = field(default_factory=dict)
+    # FedEx-LoRA: an update every client folds into its base weights (sent with both factors)
+    # while it continues training from ``adapter``; base_update + adapter is the exact total.
+    base_update: Adapter | None = None
+    # The server's one view of the global model when clients hold different adapters (FedSA:
+    # the average of the clients' updates); evaluated and written as adapter/.
+    global_view: Adapter | None = None
+
+    @property
+    def folded(self) -> Adapter | None:
+        """What every client folds into its base weights this round (None: nothing)."""
+        return self.adapter if self.merge else self.base_update
 
     def adapter_for(self, client_id: str) -> Adapter:
         if self.per_client is not None:
@@ -110,6 +121,28 @@ class Aggregator(ABC):
     # overrides it within client_inits.
     client_init: ClassVar[str] = "per_client"
     client_inits: ClassVar[tuple[str, ...]] = ("shared", "per_client")
+    # Per-client state: the factors each client keeps from its own training across rounds and
+    # never sends (FedSA-LoRA: B). A driver that cannot keep per-client state must refuse these.
+    local_factors: ClassVar[tuple[Factor, ...]] = ()
+
+    @classmethod
+    def trained_factors(cls, round_index: int) -> tuple[Factor, ...]:
+        """The factors a client trains in round ``round_index`` (1-based); the rest are frozen."""
+        return ("B",) if cls.frozen_A else ("A", "B")
+
+    @classmethod
+    def training_kind(cls) -> tuple[object, ...]:
+        """What a client's round-1 training depends on besides its init: the sweep trains the
+        clients once per distinct value (with the same inits)."""
+        return (cls.frozen_A, cls.trained_factors(1), cls.initial_adapter is not Aggregator.initial_adapter)
+
+    @classmethod
+    def initial_adapter(
+        cls, module_shapes: dict[str, tuple[int, int]], rank: int, seed: int
+    ) -> Adapter | None:
+        """A round-1 start every client shares, at ``rank`` (client k takes its first r_k
+        directions), or None for the usual fresh LoRA (B = 0, A drawn per ``client_init``)."""
+        return None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,9 +204,8 @@ def _guarded(aggregate: Callable[[Aggregator, Sequence[ClientUpdate]], GlobalRes
             raise ValueError(
                 f"{self.name}: the decomposition failed ({e}); check the clients' uploads"
             ) from None
-        adapters = (
-            [result.adapter] if result.adapter is not None else list((result.per_client or {}).values())
-        )
+        adapters = [a for a in (result.adapter, result.base_update, result.global_view) if a is not None]
+        adapters += list((result.per_client or {}).values())
         for adapter in adapters:
             for name, f in adapter.items():
                 if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):

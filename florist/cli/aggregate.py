@@ -4,7 +4,10 @@
 
 OUT receives the global adapter as a standard PEFT directory (``PeftModel.from_pretrained(base,
 OUT)`` applies exactly the aggregated update) or, for methods with one result per client
-(FlexLoRA), ``OUT/client_<i>/`` for the i-th client directory on the command line. OUT/summary.json
+(FlexLoRA, HetLoRA with heterogeneous ranks, FedSA-LoRA: Ā with the client's own B),
+``OUT/client_<i>/`` for the i-th client directory on the command line. FedEx-LoRA also writes
+``OUT/base_update/``, the residual to fold into the base weights: the two effective updates sum to
+Σ p_k s_k B_k A_k. OUT/summary.json
 records ranks, singular values, the paper's Eff, parameters and bytes on the wire, and the clients.
 Everything is written to a temporary sibling directory and renamed at the end, so on any error
 OUT is left exactly as it was.
@@ -27,11 +30,12 @@ from florist.adapter_files import (
     NUM_EXAMPLES_FILE,
     AdapterError,
 )
-from florist.config import METHODS
+from florist.config import ALL_METHODS
 
 # torch, the aggregators and the adapter reader are imported when the command runs, so that
 # `--help` and argument errors answer at once; aggregating never imports peft or transformers.
 SUMMARY_FILE = "summary.json"
+BASE_UPDATE_DIR = "base_update"
 DTYPES = ("float64", "float32")  # torch dtype names
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "clients", nargs="*", metavar="CLIENT_DIR", help="PEFT adapter directories, one per client"
     )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default="florist", choices=METHODS)
+    p.add_argument("--method", default="florist", choices=ALL_METHODS)
     p.add_argument(
         "--threshold", type=float, default=None, help="FLoRIST energy threshold tau in (0, 1] (default 0.9)"
     )
@@ -253,6 +257,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
             assert result.adapter is not None
             write_peft_adapter(tmp, result.adapter, base_model_name_or_path=base_model)
             outputs = ["."]
+        if result.base_update is not None:  # FedEx-LoRA: the residual to fold into the base
+            write_peft_adapter(tmp / BASE_UPDATE_DIR, result.base_update, base_model_name_or_path=base_model)
+            outputs.append(BASE_UPDATE_DIR)
         summary = {
             "florist_version": florist.__version__,
             "method": result.method,

@@ -1,0 +1,331 @@
+"""FedEx-LoRA, FedSA-LoRA, RoLoRA, HetLoRA and LoRA-FAIR against independent float64 computations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_aggregation import (
+    HETER_RANKS,
+    HOMO_RANKS,
+    SHAPES,
+    _one_thread,  # noqa: F401  (autouse fixture)
+    dense_delta,
+    make_updates,
+)
+
+from florist.aggregation import AGGREGATORS, ClientUpdate, LoraFactors, get_aggregator
+from florist.comm import round_communication
+
+NEW = ("fedex", "fedsa", "rolora", "hetlora", "lorafair")
+
+
+def weights(updates: list[ClientUpdate]) -> list[float]:
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def with_shared(updates: list[ClientUpdate], factor: str) -> list[ClientUpdate]:
+    """Every client's ``factor`` replaced by client 0's (what RoLoRA's frozen factor is)."""
+    out = []
+    for u in updates:
+        modules = {
+            n: dataclasses.replace(f, **{factor: getattr(updates[0].modules[n], factor).clone()})
+            for n, f in u.modules.items()
+        }
+        out.append(ClientUpdate(u.client_id, u.num_examples, modules))
+    return out
+
+
+# --- FedEx-LoRA -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [None, 8.0])
+def test_fedex_total_update_is_exact(alpha):
+    """Invariant: s B̄ Ā + residual = Σ p_k s_k B_k A_k (rtol 1e-6), with B̄, Ā FedIT's averages."""
+    updates = make_updates(HOMO_RANKS, seed=1, alpha=alpha)
+    result = get_aggregator("fedex").aggregate(updates)
+    p = weights(updates)
+    for name in SHAPES:
+        g = result.adapter[name]
+        # FedIT's averages, independently
+        A_bar = sum(w * u.modules[name].A.double() for w, u in zip(p, updates))
+        sB_bar = sum(w * u.modules[name].scaling * u.modules[name].B.double() for w, u in zip(p, updates))
+        torch.testing.assert_close(g.A, A_bar, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g.scaling * g.B, sB_bar, rtol=1e-12, atol=1e-12)
+        residual = result.base_update[name]
+        assert residual.rank == (len(updates) + 1) * 16  # factored: [s_k B_k …, −s B̄]
+        torch.testing.assert_close(
+            residual.delta(), dense_delta(updates, name) - sB_bar @ A_bar, rtol=1e-6, atol=1e-9
+        )
+        torch.testing.assert_close(
+            g.delta() + residual.delta(), dense_delta(updates, name), rtol=1e-6, atol=1e-9
+        )
+
+
+def test_fedex_accounts_the_residual_download():
+    updates = make_updates(HOMO_RANKS, seed=2)
+    result = get_aggregator("fedex").aggregate(updates)
+    comm = round_communication(result, updates)
+    r, K = 16, len(updates)
+    per_client_down = sum((m + n) * r + (m + n) * (K + 1) * r for m, n in SHAPES.values())
+    assert comm["clients"]["client_0"]["params_down"] == per_client_down
+    assert comm["total"]["params_up"] == K * sum((m + n) * r for m, n in SHAPES.values())
+    assert comm["eff"] == pytest.approx(1.0 / (len(SHAPES) * (r + (K + 1) * r)))
+
+
+# --- FedSA-LoRA -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [HOMO_RANKS, HETER_RANKS])
+def test_fedsa_shares_A_and_keeps_each_B_bit_for_bit(ranks):
+    """Invariant: client k gets A = Σ p_j pad(A_j)[:r_k] and its own B_k unchanged, bit for bit."""
+    updates = make_updates(ranks, seed=3)
+    result = get_aggregator("fedsa").aggregate(updates)
+    p = weights(updates)
+    r_max = max(ranks)
+    for name, (m, n) in SHAPES.items():
+        A_bar = torch.zeros(r_max, n, dtype=torch.float64)
+        for w, u in zip(p, updates):
+            A_bar[: u.modules[name].rank] += w * u.modules[name].A.double()
+        view = torch.zeros(m, n, dtype=torch.float64)
+        for w, u in zip(p, updates):
+            f = result.per_client[u.client_id][name]
+            assert torch.equal(f.B, u.modules[name].B.double())  # float32 -> float64 is exact
+            assert torch.equal(f.B.float(), u.modules[name].B)
+            assert f.scaling == u.modules[name].scaling
+            torch.testing.assert_close(f.A, A_bar[: f.rank], rtol=1e-12, atol=1e-12)
+            view += w * f.delta()
+        # the global view is the average of the clients' updates after the round
+        torch.testing.assert_close(result.global_view[name].delta(), view, rtol=1e-9, atol=1e-12)
+    comm = round_communication(result, updates)
+    for k, u in enumerate(updates):  # A only, each way, at the client's own rank
+        expected = sum(ranks[k] * n for _m, n in SHAPES.values())
+        assert comm["clients"][u.client_id]["params_up"] == expected
+        assert comm["clients"][u.client_id]["params_down"] == expected
+
+
+# --- RoLoRA ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frozen", ["B", "A"])
+def test_rolora_average_is_exact_when_the_other_factor_is_shared(frozen):
+    """Invariant: with the frozen factor shared, s B̄ Ā = Σ p_k s_k B_k A_k exactly (rtol 1e-9)."""
+    updates = with_shared(make_updates(HOMO_RANKS, seed=4), frozen)
+    result = get_aggregator("rolora").aggregate(updates)
+    trained = "A" if frozen == "B" else "B"
+    assert result.uploaded_factors == result.downloaded_factors == (trained,)
+    for name in SHAPES:
+        assert torch.equal(
+            getattr(result.adapter[name], frozen), getattr(updates[0].modules[name], frozen).double()
+        )
+        torch.testing.assert_close(
+            result.adapter[name].delta(), dense_delta(updates, name), rtol=1e-9, atol=1e-12
+        )
+    comm = round_communication(result, updates)
+    per_rank = {"A": sum(n for _m, n in SHAPES.values()), "B": sum(m for m, _n in SHAPES.values())}[trained]
+    assert comm["clients"]["client_3"] == {
+        "params_up": 16 * per_rank,
+        "bytes_up": 64 * per_rank,
+        "params_down": 16 * per_rank,
+        "bytes_down": 64 * per_rank,
+    }
+
+
+def test_rolora_refuses_unshared_factors_and_heterogeneous_ranks():
+    with pytest.raises(ValueError, match="RoLoRA needs every client to share one frozen factor"):
+        get_aggregator("rolora").aggregate(make_updates(HOMO_RANKS, seed=5))
+    with pytest.raises(ValueError, match="needs homogeneous ranks"):
+        get_aggregator("rolora").aggregate(make_updates(HETER_RANKS, seed=5))
+
+
+def test_rolora_alternates_from_a_nonzero_B():
+    cls = AGGREGATORS["rolora"]
+    assert [cls.trained_factors(r) for r in (1, 2, 3, 4)] == [("A",), ("B",), ("A",), ("B",)]
+    init = cls.initial_adapter(SHAPES, 8, seed=42)
+    again = cls.initial_adapter(SHAPES, 8, seed=42)
+    for name, (m, n) in SHAPES.items():
+        assert init[name].A.shape == (8, n) and not init[name].A.any()  # the start is the base model
+        assert init[name].B.shape == (m, 8) and init[name].B.abs().min() > 0  # A gets a gradient
+        assert torch.equal(init[name].B, again[name].B)  # shared by every client, from the seed
+    assert not torch.equal(init[name].B, cls.initial_adapter(SHAPES, 8, seed=43)[name].B)
+
+
+# --- HetLoRA --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data_weights", [False, True])
+@pytest.mark.parametrize("ranks", [HETER_RANKS, HOMO_RANKS])
+def test_hetlora_sparsity_weighted_zero_padding(ranks, data_weights):
+    """Invariant: A = Σ S_k pad(A_k), s B = Σ S_k s_k pad(B_k), S_k ∝ ‖s_k B_k A_k‖_F (× p_k if asked),
+    and client k receives the first r_k directions."""
+    updates = make_updates(ranks, seed=6)
+    result = get_aggregator("hetlora", data_weights=data_weights).aggregate(updates)
+    p = weights(updates)
+    r_max = max(ranks)
+    for name, (m, n) in SHAPES.items():
+        norms = [float(torch.linalg.matrix_norm(u.modules[name].delta(), "fro")) for u in updates]
+        S = [s * w for s, w in zip(norms, p)] if data_weights else norms
+        S = [s / sum(S) for s in S]
+        A = torch.zeros(r_max, n, dtype=torch.float64)
+        B = torch.zeros(m, r_max, dtype=torch.float64)
+        for s, u in zip(S, updates):
+            f = u.modules[name]
+            A[: f.rank] += s * f.A.double()
+            B[:, : f.rank] += s * f.scaling * f.B.double()
+        for u in updates:
+            got = result.adapter_for(u.client_id)[name]
+            r = u.modules[name].rank
+            assert got.rank == r
+            torch.testing.assert_close(got.A, A[:r], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(got.scaling * got.B, B[:, :r], rtol=1e-9, atol=1e-12)
+
+
+# --- LoRA-FAIR ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 1.0])
+def test_lorafair_correction_minimises_the_objective(lam):
+    """Invariant: X = B̄ + ΔB minimises ‖ΔW − X Ā‖² + λ' ‖X − B̄‖² (λ' = λ tr(ĀĀᵀ)/r), checked against
+    a dense float64 least-squares solve, and the gradient of the objective vanishes there."""
+    updates = make_updates(HOMO_RANKS, seed=7)
+    result = get_aggregator("lorafair", regularization=lam).aggregate(updates)
+    p = weights(updates)
+    for name in SHAPES:
+        A_bar = sum(w * u.modules[name].A.double() for w, u in zip(p, updates))
+        B_bar = sum(w * u.modules[name].scaling * u.modules[name].B.double() for w, u in zip(p, updates))
+        dW = dense_delta(updates, name)
+        reg = lam * float(torch.trace(A_bar @ A_bar.T)) / A_bar.shape[0]
+        # Stack the two terms into one least-squares problem: [ΔW, √λ' B̄] ≈ X [Ā, √λ' I].
+        lhs = torch.cat([A_bar, reg**0.5 * torch.eye(A_bar.shape[0], dtype=torch.float64)], dim=1)
+        rhs = torch.cat([dW, reg**0.5 * B_bar], dim=1)
+        X = torch.linalg.lstsq(lhs.T, rhs.T).solution.T
+        got = result.adapter[name]
+        torch.testing.assert_close(got.A, A_bar, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.scaling * got.B, X, rtol=1e-7, atol=1e-10)
+        gradient = -(dW - got.scaling * got.B @ A_bar) @ A_bar.T + reg * (got.scaling * got.B - B_bar)
+        assert float(gradient.abs().max()) < 1e-9 * max(1.0, float(dW.abs().max()))
+        # the correction helps: closer to ΔW than FedIT's product
+        assert torch.linalg.matrix_norm(dW - got.delta()) < torch.linalg.matrix_norm(dW - B_bar @ A_bar)
+
+
+def test_lorafair_refuses_a_negative_lambda_and_heterogeneous_ranks():
+    with pytest.raises(ValueError, match="regularization"):
+        get_aggregator("lorafair", regularization=-1.0)
+    with pytest.raises(ValueError, match="needs homogeneous ranks"):
+        get_aggregator("lorafair").aggregate(make_updates(HETER_RANKS, seed=8))
+
+
+# --- declarations ---------------------------------------------------------------------------
+
+
+def test_declarations():
+    """What the round loop, the sweep and Flower read instead of per-method branches."""
+    assert {m for m in NEW if not AGGREGATORS[m].supports_heterogeneous} == {"fedex", "rolora", "lorafair"}
+    assert {m for m in AGGREGATORS if AGGREGATORS[m].local_factors} == {"fedsa"}
+    assert AGGREGATORS["fedsa"].uploaded_factors == ("A",)
+    # one round-1 training for the methods whose clients train the same way
+    kinds = {m: (AGGREGATORS[m].client_init, AGGREGATORS[m].training_kind()) for m in NEW + ("fedit",)}
+    assert len({kinds[m] for m in ("fedit", "fedex", "fedsa", "hetlora", "lorafair")}) == 1
+    assert kinds["rolora"] != kinds["fedit"]
+    assert AGGREGATORS["ffa"].training_kind() != AGGREGATORS["rolora"].training_kind()
+    for name in ("fedex", "rolora"):
+        with pytest.raises(ValueError, match="homogeneous"):
+            get_aggregator(name).aggregate(make_updates([8, 4], seed=9))
+
+
+def test_fedex_and_lorafair_agree_with_fedit_on_the_continued_A():
+    updates = make_updates(HOMO_RANKS, seed=10)
+    fedit = get_aggregator("fedit").aggregate(updates).adapter
+    for method in ("fedex", "lorafair"):
+        other = get_aggregator(method).aggregate(updates).adapter
+        for name in SHAPES:
+            assert torch.equal(other[name].A, fedit[name].A)
+
+
+def test_new_results_are_finite_and_typed():
+    for method in NEW:
+        updates = make_updates(HOMO_RANKS, seed=11)
+        if method == "rolora":
+            updates = with_shared(updates, "B")
+        result = get_aggregator(method, dtype=torch.float32).aggregate(updates)
+        for u in updates:
+            for f in result.adapter_for(u.client_id).values():
+                assert isinstance(f, LoraFactors) and f.A.dtype == torch.float32
+
+
+# --- florist aggregate: the output contracts ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def homogeneous_dirs(tmp_path_factory: pytest.TempPathFactory):
+    from test_cli_aggregate import make_client
+
+    root = tmp_path_factory.mktemp("homo")
+    dirs = [root / f"site{k}" for k in range(3)]
+    clients = [make_client(d, 4, seed=k + 1) for k, d in enumerate(dirs)]
+    return dirs, clients, [30, 20, 10]
+
+
+def test_cli_fedex_writes_the_adapter_and_the_base_update(homogeneous_dirs, tmp_path):
+    """Contract: base + OUT/base_update/ merged, then OUT/ on top, is base + Σ p_k s_k B_k A_k."""
+    import json
+
+    from peft import PeftModel
+    from test_cli_aggregate import IDS, aggregate, exact_delta, logits_by_hand, tiny_base
+
+    dirs, clients, counts = homogeneous_dirs
+    out = tmp_path / "out"
+    assert aggregate("--method", "fedex", "--out", out, "--num-examples", "30,20,10", *dirs) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == [".", "base_update"]
+    merged = PeftModel.from_pretrained(tiny_base(), str(out / "base_update")).merge_and_unload()
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(merged, str(out)).eval()(IDS).logits
+    torch.testing.assert_close(got, logits_by_hand(exact_delta(clients, counts)), rtol=1e-5, atol=1e-5)
+    # the residual's two factors are counted on the way down: 3 clients, 4 modules
+    shapes = [(64, 64), (32, 64)] * 2  # (out, in) of q_proj and v_proj in two layers
+    down = 3 * sum(4 * (m + n) + 4 * 4 * (m + n) for m, n in shapes)
+    assert summary["communication"]["total"]["params_down"] == down
+
+
+def test_cli_fedsa_writes_each_client_its_own_B(homogeneous_dirs, tmp_path):
+    """Contract: OUT/client_<i>/ holds A = Ā and client i's own B (and scaling)."""
+    from test_cli_aggregate import aggregate, assert_same_model
+
+    dirs, clients, counts = homogeneous_dirs
+    out = tmp_path / "out"
+    assert aggregate("--method", "fedsa", "--out", out, "--num-examples", "30,20,10", *dirs) == 0
+    p = [n / sum(counts) for n in counts]
+    for i, client in enumerate(clients):
+        deltas = {}
+        for name, (_A, B, s) in client.items():
+            A_bar = sum(w * c[name][0].double() for w, c in zip(p, clients))
+            deltas[name] = s * B.double() @ A_bar
+        assert_same_model(out / f"client_{i}", deltas)
+
+
+def test_cli_refuses_fedex_with_heterogeneous_ranks(tmp_path, capsys):
+    from test_cli_aggregate import make_client
+
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    make_client(dirs[0], 4, seed=1)
+    make_client(dirs[1], 2, seed=2)
+    from florist.cli import main
+
+    code = main(
+        [
+            "aggregate",
+            "--method",
+            "fedex",
+            "--out",
+            str(tmp_path / "out"),
+            "--num-examples",
+            "1,2",
+            *map(str, dirs),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs homogeneous ranks" in err[0] and str(dirs[1]) in err[0]
+    assert not (tmp_path / "out").exists()
