@@ -77,6 +77,12 @@ class RunConfig:
     test_data_path: str | None = None  # held-out instruction data; None = data_path/K/global_test.json
     eval_scorer: str = "loglik"  # loglik | generate
     evaluate: bool = True
+    # client-level differential privacy and secure aggregation (florist.privacy, docs/methods.md)
+    dp_clip_norm: float = 0.0  # C, the L2 bound of each upload's factor update; 0: no DP
+    dp_noise_multiplier: float = 0.0  # z: noise std z*C per upload (local) or z*C/m on the mean (central)
+    dp_delta: float = 1e-5
+    dp_mode: str = "local"  # local: each client noises its upload | central: the server noises the mean
+    secure_aggregation: bool = False  # Flower only: SecAgg+, the server learns only the sum
     # outputs
     resume: bool = False
     save_merged: bool = False
@@ -157,6 +163,11 @@ class RunConfig:
             raise ConfigError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
         if self.min_clients <= 0:
             raise ConfigError(f"min_clients must be positive, got {self.min_clients}")
+        from florist.privacy import check_config
+
+        problem = check_config(self)
+        if problem:
+            raise ConfigError(problem)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from florist import privacy
 from florist.aggregation import Adapter, GlobalResult, LoraFactors, get_aggregator
 from florist.checkpoint import CheckpointState, checkpoint_path, load_checkpoint, save_checkpoint
 from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
@@ -331,6 +332,11 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     before any training.
     """
     cfg.validate()
+    if cfg.secure_aggregation:
+        raise ConfigError(
+            "--secure_aggregation applies to Flower runs (florist flower), where the clients are other "
+            "machines; florist run simulates every client in this one process"
+        )
     with output_lock(cfg.output_dir):
         return _run_federated(cfg, model=model, tokenizer=tokenizer)
 
@@ -381,6 +387,8 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     options: dict[str, Any] = {"threshold": cfg.threshold} if cfg.method == "florist" else {}
     aggregator = get_aggregator(cfg.method, dtype=getattr(torch, cfg.aggregation_dtype), **options)
     wire_dtype = getattr(torch, cfg.wire_dtype)
+    dp = cfg.dp_mode if privacy.dp_enabled(cfg) else None
+    noise = privacy.noise_generator() if dp else None
 
     tokenized: dict[int, list[dict]] = {}  # tokenise each client once, when first sampled
 
@@ -431,6 +439,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         round_started = time.perf_counter()
         selected = sample_clients(cfg, rnd)
         results = {}
+        dp_norms: dict[str, float] = {}
         for k in tqdm(selected, desc=f"round {rnd} clients", leave=False, disable=disable):
             cid, rank = client_id(k), cfg.client_rank(k)
             init = None if aggregator.merges_into_base else _continuation(server, host, cfg, rnd, k)
@@ -445,7 +454,17 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 seed=cfg.seed,
                 frozen_A={n: A[:rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
                 shared_init_rank=shared_init_rank,
+                keep_start=dp is not None,
             )
+            if dp == "local":  # the client's own step, before its upload leaves it
+                results[cid].update, dp_norms[cid] = privacy.privatize_upload(
+                    results[cid].update,
+                    results[cid].start,
+                    aggregator.uploaded_factors,
+                    clip_norm=cfg.dp_clip_norm,
+                    noise_multiplier=cfg.dp_noise_multiplier,
+                    generator=noise,
+                )
         # Uploads are untrusted: a bad one is logged and left out while min_clients remain.
         updates, rejected = screen_updates(
             [r.update for r in results.values()],
@@ -455,7 +474,17 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         )
         results = {u.client_id: results[u.client_id] for u in updates}
         t0 = time.perf_counter()
-        result = aggregator.aggregate(updates)
+        if dp == "central":
+            result, dp_norms = privacy.central_aggregate(
+                aggregator,
+                updates,
+                {cid: r.start for cid, r in results.items()},
+                clip_norm=cfg.dp_clip_norm,
+                noise_multiplier=cfg.dp_noise_multiplier,
+                generator=noise,
+            )
+        else:
+            result = aggregator.aggregate(updates)
         aggregation_seconds = time.perf_counter() - t0
         communication = round_communication(result, updates, wire_dtype=wire_dtype)
         server.broadcast(result)
@@ -470,6 +499,8 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
             aggregation_seconds=aggregation_seconds,
             seconds=time.perf_counter() - round_started,
         )
+        if dp:
+            entry["privacy"] = privacy.round_privacy(cfg, [*metrics["rounds"], entry], dp_norms)
         metrics["rounds"].append(entry | {"rejected": [dataclasses.asdict(r) for r in rejected]})
         eff = entry["eff"]
         save_checkpoint(
@@ -491,6 +522,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     active = None if server.merged else final  # merged updates already live in the base
     metrics["eval_after"] = evaluate(host, tokenizer, active) if cfg.evaluate else {}
     metrics.update(run_totals(metrics["rounds"], final))
+    metrics["privacy"] = privacy.privacy_report(cfg, metrics["rounds"])
     metrics["seconds"] = time.perf_counter() - started
     _write_outputs(cfg, out, server, final, host, tokenizer)
     atomic_write_json(out / "metrics.json", metrics)

@@ -151,6 +151,7 @@ class ClientResult:
     steps: int
     tokens: int  # non-padding tokens processed
     seconds: float
+    start: Adapter | None = None  # the LoRA as installed, with keep_start (DP clips the change)
 
 
 # --- batching ------------------------------------------------------------------------------
@@ -288,6 +289,7 @@ class LocalTrainer:
         seed: int,
         frozen_A: dict[str, torch.Tensor] | None = None,
         shared_init_rank: int | None = None,
+        keep_start: bool = False,
     ) -> ClientResult:
         """Install the client's LoRA (fresh, from ``init``, or FFA's ``frozen_A``), train it, return it.
 
@@ -308,9 +310,12 @@ class LocalTrainer:
             frozen_A=frozen_A,
             init_rank=shared_init_rank,
         )
+        installed = self.host.extract() if keep_start else None
         generator = client_generator(seed, round_index, client_index)
         try:
-            return self._train_installed(client_id, examples, lengths, generator, start)
+            result = self._train_installed(client_id, examples, lengths, generator, start)
+            result.start = installed
+            return result
         finally:
             self.host.remove()
             model.eval()

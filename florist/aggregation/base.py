@@ -121,6 +121,10 @@ class Aggregator(ABC):
     # overrides it within client_inits.
     client_init: ClassVar[str] = "per_client"
     client_inits: ClassVar[tuple[str, ...]] = ("shared", "per_client")
+    # The aggregate is a fixed average of the uploaded factors, so clipping each upload to C
+    # bounds one client's effect on it by C/m: central DP and secure aggregation (which shows the
+    # server only the sum) apply. False where the individual adapters are needed (florist.privacy).
+    linear_in_uploads: ClassVar[bool] = False
     # Per-client state: the factors each client keeps from its own training across rounds and
     # never sends (FedSA-LoRA: B). A driver that cannot keep per-client state must refuse these.
     local_factors: ClassVar[tuple[Factor, ...]] = ()

@@ -25,6 +25,7 @@ class FedIT(Aggregator):
     name = "fedit"
     supports_heterogeneous = False
     client_init = "shared"  # FedAvg: every client starts from the one global model
+    linear_in_uploads = True
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

@@ -53,6 +53,7 @@ class FFA(Aggregator):
     frozen_A = True
     client_init = "shared"
     client_inits = ("shared",)  # the frozen A must be shared for the average to be exact
+    linear_in_uploads = True
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

@@ -28,6 +28,7 @@ from florist.aggregation.linalg import leading, padded_average, share_by_rank
 @register
 class ZeroPad(Aggregator):
     name = "zeropad"
+    linear_in_uploads = True  # a fixed average of the padded factors
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

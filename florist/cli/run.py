@@ -133,6 +133,12 @@ def format_summary(metrics: dict[str, Any]) -> str:
             f"{_fmt_bytes(up):>11} {_fmt_bytes(down):>11}"
         )
     lines.append(f"Eff total: {metrics['eff_total']:.4e}")
+    dp = metrics.get("privacy")
+    if dp:
+        lines.append(
+            f"privacy: {dp['mode']} DP, epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} "
+            f"(clip C={dp['clip_norm']:g}, noise multiplier z={dp['noise_multiplier']:g})"
+        )
     before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
     if before or after:
         lines += ["", f"{'':>10} {'held-out loss':>13} {'token acc':>10} {'MMLU':>8}"]

@@ -1,0 +1,356 @@
+"""Client-level differential privacy for federated LoRA: clipping, Gaussian noise, accounting.
+
+What is clipped. A client's upload is its LoRA factors, so the server sees factors, not the dense
+update ``s·B·A``. Bounding the dense update would not bound what travels (two factor pairs with
+the same product can differ arbitrarily), so florist clips the factors that travel, as one
+vector over every module: the change of each uploaded factor since the start of the round, with
+B taken after scaling (``s·B``, the same folding the aggregators use), i.e.
+
+    v = concat over modules of [ s·(B - B₀) , (A - A₀) ]     (FFA-LoRA: only s·(B - B₀))
+
+and ``v ← v · min(1, C / ‖v‖₂)``. The start (A₀, B₀) is what the client began the round from: the
+server's broadcast, or a fresh init drawn from the run's seed. Both are public, so releasing
+``start + clip(v) + noise`` reveals no more than ``clip(v) + noise`` (post-processing). Which
+factors travel is the aggregator's declaration (``Aggregator.uploaded_factors``).
+
+Two modes (``RunConfig.dp_mode``):
+
+* ``local``: each client clips ``v`` to C and adds N(0, (z·C)²) to every coordinate before the
+  upload leaves it. The server only ever sees noised uploads, so this holds for every method
+  (stacking, SVD and residual methods alike), against the server itself.
+* ``central``: the server (trusted) clips each upload the same way, averages them with uniform
+  weights and adds N(0, (z·C/m)²) to every coordinate of the travelling factors of the average,
+  m being the number of clients averaged. This mirrors Flower's
+  ``DifferentialPrivacyServerSideFixedClipping`` (clip the update against the round's start, let
+  FedAvg average, noise with ``compute_stdv(z, C, m)``) in the accounted mode Flower allows:
+  equal client weights. It is valid only where the aggregate is that average
+  (``Aggregator.linear_in_uploads``); otherwise one client's effect on the aggregate is not C/m.
+
+Accounting. Both modes are accounted with Google's ``dp-accounting`` RDP accountant, client-level,
+under add-or-remove-one-client adjacency (the client's whole data against a client that uploads
+a zero update), as Flower's accountant does for its fixed-clipping wrappers. Each release is a
+Gaussian mechanism with noise multiplier z (sensitivity C against noise z·C, or C/m against
+z·C/m) and no amplification by sampling: florist's client sample is a public function of the
+seed, and the server knows who took part, so subsampling hides nothing. Local DP composes the
+releases a client took part in (the report is the worst client); central DP composes one release
+per round. Under replace-one adjacency the sensitivity doubles: read ε at z/2.
+
+The noise is drawn from a generator seeded by the operating system's entropy, never from the
+run's seed: noise the server could regenerate from a public seed would protect nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from florist.aggregation.base import Adapter, ClientUpdate, Factor, GlobalResult, LoraFactors
+
+DP_MODES = ("local", "central")
+ACCOUNTANT = "dp-accounting RDP, add-or-remove-one client, no amplification by sampling"
+# Clip a hair below C so that float rounding (of the norm, of start + update) never takes the
+# clipped norm above it.
+_CLIP_MARGIN = 1.0 - 1e-12
+
+
+def noise_generator() -> torch.Generator:
+    """A generator for DP noise, seeded from the OS's entropy (unpredictable to the server)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+# --- the travelling vector --------------------------------------------------------------------
+
+
+def factor_deltas(
+    modules: Adapter, start: Adapter, factors: Sequence[Factor]
+) -> dict[tuple[str, Factor], torch.Tensor]:
+    """The travelling vector in pieces: s·(B - B₀) and A - A₀ per module, in float64."""
+    out: dict[tuple[str, Factor], torch.Tensor] = {}
+    for name in sorted(modules):
+        f, f0 = modules[name], start[name]
+        if f.A.shape != f0.A.shape or f.B.shape != f0.B.shape:
+            raise ValueError(
+                f"module {name!r}: the upload's factors {tuple(f.B.shape)}x{tuple(f.A.shape)} do not "
+                f"match the round's start {tuple(f0.B.shape)}x{tuple(f0.A.shape)}"
+            )
+        if "B" in factors:
+            out[(name, "B")] = f.scaling * (f.B.double() - f0.B.double())
+        if "A" in factors:
+            out[(name, "A")] = f.A.double() - f0.A.double()
+    return out
+
+
+def l2_norm(parts: Sequence[torch.Tensor]) -> float:
+    """The L2 norm of the tensors as one flattened vector."""
+    return math.sqrt(sum(float(p.double().square().sum()) for p in parts))
+
+
+def clip_(parts: Sequence[torch.Tensor], clip_norm: float) -> float:
+    """Scale the tensors in place so that their joint L2 norm is at most ``clip_norm``.
+
+    Returns the norm before clipping. Like Flower's ``clip_inputs_inplace`` (one factor
+    ``min(1, C/‖v‖)`` for the whole vector), with a margin so that rounding never exceeds C.
+    """
+    norm = l2_norm(parts)
+    if norm > clip_norm:
+        factor = clip_norm / norm * _CLIP_MARGIN
+        for p in parts:
+            p.mul_(factor)
+    return norm
+
+
+def add_noise_(parts: Sequence[torch.Tensor], std: float, generator: torch.Generator) -> None:
+    """Add N(0, std²) to every coordinate, in place."""
+    for p in parts:
+        p.add_(torch.randn(p.shape, dtype=p.dtype, generator=generator), alpha=std)
+
+
+def _rebuild(
+    modules: Adapter,
+    start: Adapter,
+    deltas: dict[tuple[str, Factor], torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> Adapter:
+    """start + delta for the travelling factors (B un-scaled again), in ``dtype`` (None: the
+    upload's); the others as uploaded."""
+    out: Adapter = {}
+    for name, f in modules.items():
+        f0 = start[name]
+        A, B = f.A, f.B
+        if (name, "A") in deltas:
+            A = (f0.A.double() + deltas[(name, "A")]).to(dtype or f.A.dtype)
+        if (name, "B") in deltas:
+            B = (f0.B.double() + deltas[(name, "B")] / f.scaling).to(dtype or f.B.dtype)
+        out[name] = LoraFactors(A=A, B=B, scaling=f.scaling)
+    return out
+
+
+def clip_upload(
+    update: ClientUpdate, start: Adapter, factors: Sequence[Factor], clip_norm: float
+) -> tuple[ClientUpdate, float]:
+    """The upload with its travelling vector clipped to ``clip_norm``; also the norm before.
+
+    The clipped factors stay in float64: rounded to float32, start + clipped update could land
+    above C again (central DP aggregates them in float64 before noising)."""
+    deltas = factor_deltas(update.modules, start, factors)
+    norm = clip_(list(deltas.values()), clip_norm)
+    modules = _rebuild(update.modules, start, deltas, torch.float64)
+    # start + delta - start rounds; where a large start takes it a hair above C, shrink again.
+    for _ in range(8):
+        released = l2_norm(list(factor_deltas(modules, start, factors).values()))
+        if released <= clip_norm * _CLIP_MARGIN:
+            break
+        clip_(list(deltas.values()), clip_norm * _CLIP_MARGIN**2 * l2_norm(list(deltas.values())) / released)
+        modules = _rebuild(update.modules, start, deltas, torch.float64)
+    return dataclasses.replace(update, modules=modules), norm
+
+
+def privatize_upload(
+    update: ClientUpdate,
+    start: Adapter,
+    factors: Sequence[Factor],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[ClientUpdate, float]:
+    """Local DP: clip the travelling vector to C, add N(0, (z·C)²) to it, as the client does
+    before uploading. Returns the private upload and the norm before clipping."""
+    deltas = factor_deltas(update.modules, start, factors)
+    parts = list(deltas.values())
+    norm = clip_(parts, clip_norm)
+    add_noise_(parts, noise_multiplier * clip_norm, generator)
+    return dataclasses.replace(update, modules=_rebuild(update.modules, start, deltas)), norm
+
+
+def central_std(noise_multiplier: float, clip_norm: float, num_clients: int) -> float:
+    """The noise std on the average of ``num_clients`` clipped uploads: z·C/m (Flower's compute_stdv)."""
+    return noise_multiplier * clip_norm / num_clients
+
+
+def noise_result(
+    result: GlobalResult, factors: Sequence[Factor], std: float, generator: torch.Generator
+) -> GlobalResult:
+    """Central DP: the average with N(0, std²) added to every coordinate of its travelling
+    factors (B after scaling, as clipped). With one adapter per client rank (zero-padding, FFA
+    with heterogeneous ranks), the largest is noised and the others are its leading slices
+    again, so every client receives the same noised average."""
+
+    def noised(f: LoraFactors) -> LoraFactors:
+        A, B = f.A, f.B
+        if "A" in factors:
+            A = A + torch.randn(A.shape, dtype=torch.float64, generator=generator).to(A.dtype) * std
+        if "B" in factors:
+            noise = torch.randn(B.shape, dtype=torch.float64, generator=generator) * (std / f.scaling)
+            B = B + noise.to(B.dtype)
+        return LoraFactors(A=A, B=B, scaling=f.scaling)
+
+    if result.adapter is not None and result.per_client is None:
+        return dataclasses.replace(result, adapter={n: noised(f) for n, f in sorted(result.adapter.items())})
+    per_client = result.per_client or {}
+    names = sorted(next(iter(per_client.values())))
+    largest = {n: noised(max((a[n] for a in per_client.values()), key=lambda f: f.rank)) for n in names}
+    sliced = {
+        cid: {
+            n: LoraFactors(A=largest[n].A[: a[n].rank], B=largest[n].B[:, : a[n].rank], scaling=a[n].scaling)
+            for n in names
+        }
+        for cid, a in per_client.items()
+    }
+    adapter = largest if result.adapter is not None else None
+    return dataclasses.replace(result, adapter=adapter, per_client=sliced)
+
+
+def uniform_weights(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    """The uploads with equal weights: central DP's C/m needs a uniform average (as Flower's
+    accounted fixed-clipping mode requires equal client weights)."""
+    return [dataclasses.replace(u, num_examples=1) for u in updates]
+
+
+# --- accounting -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """ε after ``releases`` Gaussian releases of noise multiplier z at δ, from dp-accounting's
+    RDP accountant (add-or-remove adjacency, no sampling)."""
+    if releases <= 0:
+        return 0.0
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # its convergence chatter is not ours
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), releases)
+    return float(accountant.get_epsilon(delta))
+
+
+def releases_per_round(mode: str, round_clients: Sequence[Sequence[str]]) -> list[int]:
+    """How many releases the accountant has composed after each round: central DP one per round;
+    local DP the most rounds any single client has taken part in so far."""
+    if mode == "central":
+        return list(range(1, len(round_clients) + 1))
+    seen: dict[str, int] = {}
+    out = []
+    for clients in round_clients:
+        for c in clients:
+            seen[c] = seen.get(c, 0) + 1
+        out.append(max(seen.values(), default=0))
+    return out
+
+
+def privacy_report(cfg: Any, rounds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """``metrics.json``'s ``privacy`` section from the run's rounds, or None without DP."""
+    if not dp_enabled(cfg):
+        return None
+    z, delta = float(cfg.dp_noise_multiplier), float(cfg.dp_delta)
+    releases = releases_per_round(cfg.dp_mode, [r["clients"] for r in rounds])
+    per_round = [epsilon(z, n, delta) for n in releases]
+    return {
+        "mode": cfg.dp_mode,
+        "clip_norm": float(cfg.dp_clip_norm),
+        "noise_multiplier": z,
+        "delta": delta,
+        "epsilon": per_round[-1] if per_round else 0.0,
+        "epsilon_per_round": per_round,
+        "releases": releases[-1] if releases else 0,
+        "accountant": ACCOUNTANT,
+    }
+
+
+def dp_enabled(cfg: Any) -> bool:
+    return float(getattr(cfg, "dp_clip_norm", 0.0) or 0.0) > 0.0
+
+
+# --- config checks (RunConfig.validate) ---------------------------------------------------------
+
+
+def _linear_methods() -> str:
+    from florist.aggregation import AGGREGATORS
+
+    return ", ".join(sorted(n for n, cls in AGGREGATORS.items() if cls.linear_in_uploads))
+
+
+def check_config(cfg: Any) -> str | None:
+    """The one-line reason ``cfg``'s privacy settings are invalid, or None."""
+    from florist.aggregation import AGGREGATORS
+
+    if cfg.dp_mode not in DP_MODES:
+        return f"dp_mode must be local or central, got {cfg.dp_mode!r}"
+    for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_delta"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} must be a finite number, got {value!r}"
+    if cfg.dp_clip_norm < 0 or cfg.dp_noise_multiplier < 0:
+        return "dp_clip_norm and dp_noise_multiplier must not be negative"
+    linear = AGGREGATORS[cfg.method].linear_in_uploads
+    if cfg.secure_aggregation and not linear:
+        return (
+            f"--secure_aggregation is not possible with {cfg.method}: it needs each client's individual "
+            "adapter (stacking, SVD or residuals), and secure aggregation shows the server only the sum "
+            f"of the uploads; it works with {_linear_methods()}"
+        )
+    if not dp_enabled(cfg):
+        if cfg.dp_noise_multiplier > 0 or cfg.dp_mode != "local":
+            return "differential privacy needs --dp_clip_norm C > 0 (with --dp_noise_multiplier z > 0)"
+        return None
+    if cfg.dp_noise_multiplier <= 0:
+        return "--dp_clip_norm needs --dp_noise_multiplier z > 0 (without noise, epsilon is infinite)"
+    if not 0.0 < cfg.dp_delta < 1.0:
+        return f"dp_delta must be in (0, 1), got {cfg.dp_delta}"
+    if cfg.dp_mode == "central":
+        if not linear:
+            return (
+                f"--dp_mode central is not valid for {cfg.method}: it combines the clients' individual "
+                "adapters nonlinearly (stacking, SVD or residuals), so one client's effect on the aggregate "
+                f"is not bounded by C/m; use --dp_mode local, or a method that averages its uploads "
+                f"({_linear_methods()})"
+            )
+        if cfg.secure_aggregation:
+            return (
+                "--dp_mode central clips each upload on the server, which --secure_aggregation hides from "
+                "it; use --dp_mode local with --secure_aggregation"
+            )
+    return None
+
+
+# --- one round, as florist run and the Flower server do it ---------------------------------------
+
+
+def central_aggregate(
+    aggregator: Any,
+    updates: Sequence[ClientUpdate],
+    starts: dict[str, Adapter],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[GlobalResult, dict[str, float]]:
+    """Central DP: clip each upload's factor update against its start, average them uniformly
+    with ``aggregator``, noise the average with z·C/m. Returns the result and the norms before
+    clipping (the trusted server's own diagnostics)."""
+    factors = aggregator.uploaded_factors
+    clipped, norms = [], {}
+    for u in updates:
+        upload, norms[u.client_id] = clip_upload(u, starts[u.client_id], factors, clip_norm)
+        clipped.append(upload)
+    result = aggregator.aggregate(uniform_weights(clipped))
+    std = central_std(noise_multiplier, clip_norm, len(clipped))
+    return noise_result(result, factors, std, generator), norms
+
+
+def round_privacy(cfg: Any, rounds: Sequence[dict[str, Any]], norms: dict[str, float]) -> dict[str, Any]:
+    """A round's ``privacy`` entry: ε so far (``rounds`` ends with this round) and how many of
+    its uploads the clip bound cut."""
+    releases = releases_per_round(cfg.dp_mode, [r["clients"] for r in rounds])[-1]
+    return {
+        "epsilon": epsilon(float(cfg.dp_noise_multiplier), releases, float(cfg.dp_delta)),
+        "clipped": sum(1 for n in norms.values() if n > cfg.dp_clip_norm),
+    }

@@ -1,0 +1,397 @@
+"""Client-level DP (florist.privacy): clipping, noise, accounting, central DP and the refusals.
+
+Clipping and noise are checked against independent float64 computations of the travelling
+vector (s·(B - B₀) and A - A₀), the noise with a statistical test on large tensors, ε against
+direct calls of dp-accounting's and Flower's accountants, and central DP against Flower's own
+fixed-clipping helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from florist import privacy
+from florist.aggregation import AGGREGATORS, ClientUpdate, LoraFactors, get_aggregator
+from florist.config import ConfigError, RunConfig
+
+NONLINEAR = sorted(n for n, cls in AGGREGATORS.items() if not cls.linear_in_uploads)
+LINEAR = sorted(n for n, cls in AGGREGATORS.items() if cls.linear_in_uploads)
+
+
+def adapter(g: torch.Generator, rank: int, *, scale: float = 1.0, scaling: float = 2.0, modules: int = 3):
+    return {
+        f"layers.{i}.q_proj": LoraFactors(
+            A=torch.randn(rank, 24, generator=g) * scale,
+            B=torch.randn(16, rank, generator=g) * scale,
+            scaling=scaling,
+        )
+        for i in range(modules)
+    }
+
+
+def travelling(modules, start, factors=("A", "B")) -> torch.Tensor:
+    """The vector the clip bounds, computed here independently of florist.privacy."""
+    parts = []
+    for name in sorted(modules):
+        f, f0 = modules[name], start[name]
+        if "B" in factors:
+            parts.append((f.scaling * (f.B.double() - f0.B.double())).flatten())
+        if "A" in factors:
+            parts.append((f.A.double() - f0.A.double()).flatten())
+    return torch.cat(parts)
+
+
+def z_score_of_std(x: torch.Tensor, std: float) -> float:
+    """(s²/σ² - 1)·sqrt(n/2), about N(0, 1) when x ~ N(0, σ²) (χ² with n degrees, n large)."""
+    n = x.numel()
+    return float(((x.double().square().mean() / std**2) - 1) * math.sqrt(n / 2))
+
+
+# --- clipping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factors", [("A", "B"), ("B",)])
+@pytest.mark.parametrize("scale", [1e-4, 0.05, 1.0, 30.0])
+def test_clipped_norm_never_exceeds_c(factors, scale):
+    g = torch.Generator().manual_seed(int(scale * 1e4) + len(factors))
+    for trial in range(20):
+        start = adapter(g, 4)
+        moved = {
+            n: LoraFactors(
+                A=f.A + scale * torch.randn(f.A.shape, generator=g),
+                B=f.B + scale * torch.randn(f.B.shape, generator=g),
+                scaling=f.scaling,
+            )
+            for n, f in start.items()
+        }
+        if "A" not in factors:  # FFA: A is frozen and does not travel
+            moved = {n: LoraFactors(A=start[n].A, B=f.B, scaling=f.scaling) for n, f in moved.items()}
+        C = [0.01, 0.5, 1.0, 3.0][trial % 4]
+        update = ClientUpdate("client_0", 7, moved)
+        clipped, before = privacy.clip_upload(update, start, factors, C)
+        v_before = travelling(moved, start, factors)
+        v_after = travelling(clipped.modules, start, factors)
+        assert before == pytest.approx(float(v_before.norm()), rel=1e-12)
+        assert float(v_after.norm()) <= C
+        if float(v_before.norm()) <= C:  # below the bound nothing changes
+            torch.testing.assert_close(v_after, v_before, rtol=0, atol=1e-12)
+        else:  # above it, the same direction at norm C
+            assert float(v_after.norm()) == pytest.approx(C, rel=1e-9)
+            torch.testing.assert_close(
+                v_after, v_before * (C / float(v_before.norm())), rtol=1e-9, atol=1e-15
+            )
+        for n in moved:  # scaling kept; a factor that does not travel is untouched
+            assert clipped.modules[n].scaling == moved[n].scaling
+            if "A" not in factors:
+                assert torch.equal(clipped.modules[n].A, moved[n].A)
+        assert clipped.num_examples == 7
+
+
+# --- noise -------------------------------------------------------------------------------------
+
+
+def test_local_noise_has_std_z_c_on_the_scaled_factors():
+    # The upload equals its start, so what arrives is start + noise alone.
+    rank, n_in, n_out, s = 64, 4096, 2048, 4.0
+    zero = {"m": LoraFactors(A=torch.zeros(rank, n_in), B=torch.zeros(n_out, rank), scaling=s)}
+    z, C = 1.3, 0.7
+    noisy, norm = privacy.privatize_upload(
+        ClientUpdate("client_1", 3, zero),
+        zero,
+        ("A", "B"),
+        clip_norm=C,
+        noise_multiplier=z,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert norm == 0.0
+    A, B = noisy.modules["m"].A, noisy.modules["m"].B
+    assert A.dtype == B.dtype == torch.float32  # uploaded in the upload's dtype
+    # A carries N(0, (zC)²); B carries it after scaling, so B itself has std zC/s.
+    assert abs(z_score_of_std(A, z * C)) < 5
+    assert abs(z_score_of_std(s * B, z * C)) < 5
+    for x in (A, s * B):
+        assert abs(float(x.double().mean())) < 5 * z * C / math.sqrt(x.numel())
+    # The fixed seed reproduces the noise; another draws other noise.
+    again, _ = privacy.privatize_upload(
+        ClientUpdate("client_1", 3, zero), zero, ("A", "B"), clip_norm=C, noise_multiplier=z,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert torch.equal(again.modules["m"].A, A)
+    assert not torch.equal(
+        privacy.privatize_upload(
+            ClientUpdate("c", 3, zero), zero, ("A", "B"), clip_norm=C, noise_multiplier=z,
+            generator=privacy.noise_generator(),
+        )[0].modules["m"].A,
+        A,
+    )  # fmt: skip
+
+
+def test_local_noise_only_on_the_factors_that_travel():
+    g = torch.Generator().manual_seed(3)
+    start = adapter(g, 4)
+    noisy, _ = privacy.privatize_upload(
+        ClientUpdate("c", 1, start), start, ("B",), clip_norm=1.0, noise_multiplier=1.0, generator=g
+    )
+    for n, f in start.items():
+        assert torch.equal(noisy.modules[n].A, f.A)  # FFA's frozen A stays bit-exact
+        assert not torch.equal(noisy.modules[n].B, f.B)
+
+
+def test_central_noise_std_and_heterogeneous_slices():
+    # zero-padding with ranks 8 and 4: every client gets a slice of the one noised average.
+    m, z, C = 2, 2.0, 0.5
+    zeros = {
+        k: {"m": LoraFactors(A=torch.zeros(r, 2048), B=torch.zeros(1024, r), scaling=2.0)}
+        for k, r in ((0, 256), (1, 128))
+    }
+    updates = [ClientUpdate(f"client_{k}", 5 + k, a) for k, a in zeros.items()]
+    result, norms = privacy.central_aggregate(
+        get_aggregator("zeropad"),
+        updates,
+        {u.client_id: u.modules for u in updates},
+        clip_norm=C,
+        noise_multiplier=z,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert norms == {"client_0": 0.0, "client_1": 0.0}
+    big, small = result.per_client["client_0"]["m"], result.per_client["client_1"]["m"]
+    std = z * C / m
+    assert std == privacy.central_std(z, C, m)
+    assert abs(z_score_of_std(big.A, std)) < 5
+    assert abs(z_score_of_std(big.scaling * big.B, std)) < 5
+    assert torch.equal(small.A, big.A[:128]) and torch.equal(small.B, big.B[:, :128])
+
+
+# --- central DP mirrors Flower's server-side fixed clipping -------------------------------------
+
+
+def test_central_dp_agrees_with_flowers_fixed_clipping_helpers():
+    from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+
+    g = torch.Generator().manual_seed(5)
+    start = adapter(g, 4, scale=0.1)
+    updates = [
+        ClientUpdate(
+            f"client_{k}",
+            10 * (k + 1),  # unequal sizes: central DP must average uniformly anyway
+            {
+                n: LoraFactors(
+                    A=f.A + 0.3 * torch.randn(f.A.shape, generator=g),
+                    B=f.B + torch.randn(f.B.shape, generator=g) * (k + 1),
+                    scaling=f.scaling,
+                )
+                for n, f in start.items()
+            },
+        )
+        for k in range(3)
+    ]
+    C = 1.5
+    result, _ = privacy.central_aggregate(
+        get_aggregator("fedit"),
+        updates,
+        {u.client_id: start for u in updates},
+        clip_norm=C,
+        noise_multiplier=0.0,  # noise apart: the clip and the average
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Flower: per reply, clip (param - current) as one vector and put it back, then a uniform mean.
+    names = sorted(start)
+
+    def arrays(a):  # the travelling vector's pieces: s·B and A per module
+        return [x for n in names for x in (a[n].scaling * a[n].B.double().numpy(), a[n].A.double().numpy())]
+
+    current = arrays(start)
+    clipped = []
+    for u in updates:
+        params = arrays(u.modules)
+        compute_clip_model_update(params, current, C)
+        clipped.append(params)
+    mean = [np.mean([c[i] for c in clipped], axis=0) for i in range(len(current))]
+    ours = arrays(result.adapter)
+    for x, y in zip(ours, mean):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    for z, C, m in ((1.0, 1.0, 8), (0.3, 2.5, 3)):
+        assert privacy.central_std(z, C, m) == pytest.approx(compute_stdv(z, C, m), rel=1e-15)
+
+
+def test_central_dp_keeps_ffa_a_and_noises_b():
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(4, 24, generator=g)
+    start = {"m": LoraFactors(A=A, B=torch.zeros(16, 4), scaling=2.0)}
+    updates = [
+        ClientUpdate(
+            f"client_{k}", 3, {"m": LoraFactors(A=A, B=torch.randn(16, 4, generator=g), scaling=2.0)}
+        )
+        for k in range(2)
+    ]
+    result, _ = privacy.central_aggregate(
+        get_aggregator("ffa"),
+        updates,
+        {u.client_id: start for u in updates},
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        generator=g,
+    )
+    assert torch.equal(result.adapter["m"].A.float(), A)
+
+
+# --- accounting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z,rounds,delta", [(0.5, 1, 1e-5), (1.0, 3, 1e-5), (2.0, 10, 1e-6), (1.1, 50, 1e-4)])
+def test_epsilon_equals_dp_accountings_and_flowers(z, rounds, delta):
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant as FlowerRdp
+
+    acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    for _ in range(rounds):
+        acc.compose(dp_accounting.GaussianDpEvent(z))
+    expected = acc.get_epsilon(delta)
+    assert privacy.epsilon(z, rounds, delta) == pytest.approx(expected, rel=1e-9)
+    # Flower's accounted fixed-clipping mode (add-or-remove, no amplification) agrees.
+    flower = FlowerRdp(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=8,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    flower.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=4, population_size=8), rounds)
+    assert privacy.epsilon(z, rounds, delta) == pytest.approx(flower.get_epsilon(delta), rel=1e-6)
+
+
+def test_epsilon_falls_with_noise_and_grows_with_rounds():
+    zs = [0.5, 0.8, 1.0, 2.0, 4.0]
+    for rounds in (1, 5, 20):
+        eps = [privacy.epsilon(z, rounds, 1e-5) for z in zs]
+        assert all(a > b > 0 for a, b in zip(eps, eps[1:])), eps
+    for z in zs:
+        eps = [privacy.epsilon(z, r, 1e-5) for r in (1, 2, 5, 10, 40)]
+        assert all(a < b for a, b in zip(eps, eps[1:])), eps
+        assert all(math.isfinite(e) for e in eps)
+
+
+def test_releases_per_round_local_counts_each_clients_participation():
+    rounds = [["client_0", "client_1"], ["client_1", "client_2"], ["client_0", "client_2"], ["client_3"]]
+    assert privacy.releases_per_round("central", rounds) == [1, 2, 3, 4]
+    assert privacy.releases_per_round("local", rounds) == [1, 2, 2, 2]
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def dp_config(**kw) -> RunConfig:
+    return RunConfig(**({"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0} | kw))
+
+
+def test_linear_methods_are_declared():
+    assert {"fedit", "ffa", "zeropad"} <= set(LINEAR)
+    assert {"flora", "florist", "flexlora"} <= set(NONLINEAR)
+
+
+@pytest.mark.parametrize("method", NONLINEAR)
+def test_central_dp_and_secure_aggregation_refused_for_methods_that_need_individual_adapters(method):
+    with pytest.raises(ConfigError) as e:
+        dp_config(method=method, dp_mode="central").validate()
+    assert str(e.value).startswith(f"--dp_mode central is not valid for {method}: ")
+    assert "individual adapters" in str(e.value) and "C/m" in str(e.value)
+    assert "use --dp_mode local" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        RunConfig(method=method, secure_aggregation=True).validate()
+    assert str(e.value).startswith(f"--secure_aggregation is not possible with {method}: ")
+    assert "individual adapter" in str(e.value) and "only the sum" in str(e.value)
+    dp_config(method=method).validate()  # local DP is valid for every method
+
+
+@pytest.mark.parametrize("method", LINEAR)
+def test_central_dp_and_secure_aggregation_allowed_for_linear_methods(method):
+    dp_config(method=method, dp_mode="central").validate()
+    RunConfig(method=method, secure_aggregation=True).validate()
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"dp_noise_multiplier": 1.0}, "needs --dp_clip_norm C > 0"),
+        ({"dp_mode": "central"}, "needs --dp_clip_norm C > 0"),
+        ({"dp_clip_norm": 1.0}, "needs --dp_noise_multiplier z > 0"),
+        ({"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta must be in (0, 1)"),
+        ({"dp_clip_norm": -1.0}, "must not be negative"),
+        ({"dp_clip_norm": float("nan")}, "dp_clip_norm must be a finite number"),
+        ({"dp_mode": "global"}, "dp_mode must be local or central"),
+        (
+            {"method": "fedit", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_mode": "central", "secure_aggregation": True},
+            "which --secure_aggregation hides",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_privacy_settings(kw, message):
+    with pytest.raises(ConfigError) as e:
+        RunConfig(**kw).validate()
+    assert message in str(e.value)
+
+
+def test_cli_refuses_central_dp_for_florist_in_one_line(tmp_path, capsys):
+    from florist.cli import main
+
+    args = ["run", "--method", "florist", "--dp_clip_norm", "1", "--dp_noise_multiplier", "1"]
+    code = main([*args, "--dp_mode", "central", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("florist: error: --dp_mode central is not valid for florist")
+    assert not (tmp_path / "out").exists()
+    code = main(["run", "--method", "fedit", "--secure_aggregation", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Flower runs" in err[0], err
+
+
+# --- runs on the tiny model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,mode", [("florist", "local"), ("fedit", "central")])
+def test_run_writes_privacy_section(method, mode, tmp_path, federated_data):
+    from conftest import tiny_run_config
+
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+
+    cfg = tiny_run_config(
+        federated_data(3),
+        tmp_path / "out",
+        method=method,
+        num_communication_rounds=2,
+        client_selection_frac=0.67,
+        min_clients=2,
+        dp_clip_norm=0.5,
+        dp_noise_multiplier=1.2,
+        dp_delta=1e-6,
+        dp_mode=mode,
+    )
+    model, tokenizer = tiny_llama(seed=0)
+    metrics = run_federated(cfg, model=model, tokenizer=tokenizer)
+    p = json.loads((tmp_path / "out" / "metrics.json").read_text())["privacy"]
+    assert {"mode", "clip_norm", "noise_multiplier", "delta", "epsilon", "epsilon_per_round"} <= set(p)
+    assert (p["mode"], p["clip_norm"], p["noise_multiplier"], p["delta"]) == (mode, 0.5, 1.2, 1e-6)
+    clients = [r["clients"] for r in metrics["rounds"]]
+    releases = privacy.releases_per_round(mode, clients)
+    assert p["epsilon_per_round"] == [privacy.epsilon(1.2, n, 1e-6) for n in releases]
+    assert p["epsilon"] == p["epsilon_per_round"][-1] > 0 and math.isfinite(p["epsilon"])
+    assert [r["privacy"]["epsilon"] for r in metrics["rounds"]] == p["epsilon_per_round"]
+    for r in metrics["rounds"]:
+        assert 0 <= r["privacy"]["clipped"] <= len(r["clients"])
+    from florist.cli.run import format_summary
+
+    assert f"epsilon {p['epsilon']:.3g}" in format_summary(metrics)
