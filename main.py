@@ -6,8 +6,9 @@ The flags are those of the authors' ``main.py`` (fire), so their README commands
         --output_dir ./florist-smollm2-dolly/ --num_communication_rounds 1 --local_num_epochs 1 \\
         --florist True --threshold 0.9 --num_clients 8 --heter True
 
-The method switches (--florist, --stacking/--flora, --flex, --ffa, --fedit, --zero_padding) pick
-the aggregation via ``florist.config.method_from_paper_flags``. Full fine-tuning (--full) and
+The method switches (--florist, --stacking/--flora, --flex, --ffa, --fedit, --zero_padding, and
+the newer methods' --fedex, --fedsa, --rolora, --hetlora, --lorafair) pick the aggregation via
+``florist.config.method_from_paper_flags``. Full fine-tuning (--full) and
 AdaLoRA (--Adalora) are not supported. Our additions: --max_samples_per_client, --eval_samples,
 --seed, --local_max_steps, --client_init (shared | per_client; default: the method's, as in the
 authors' code). The equivalent florist command is ``florist run``.
@@ -86,6 +87,11 @@ def build_config(
     fedit: Any = False,
     flex: Any = False,
     ffa: Any = False,
+    fedex: Any = False,
+    fedsa: Any = False,
+    rolora: Any = False,
+    hetlora: Any = False,
+    lorafair: Any = False,
     threshold: float = 0.9,
     dev_data_path: str | None = None,
     heter: Any = False,
@@ -121,6 +127,16 @@ def build_config(
         fedit=as_bool(fedit, "fedit"),
         zero_padding=as_bool(zero_padding, "zero_padding"),
         heter=heter_on,
+        newer={
+            name: as_bool(on, name)
+            for name, on in (
+                ("fedex", fedex),
+                ("fedsa", fedsa),
+                ("rolora", rolora),
+                ("hetlora", hetlora),
+                ("lorafair", lorafair),
+            )
+        },
     )
     resume = False
     if resume_from_checkpoint not in (None, False, "", "None", "False", "false"):

@@ -5,7 +5,8 @@ A checkpoint is the directory ``<output_dir>/checkpoint/``::
     state.json                    completed round, metrics so far, the run's config
     merged/round_0001.safetensors merge methods: the global adapter folded into the base each round
     server.safetensors            continue methods: what the server broadcast last (one global
-                                  adapter, or one per client for FlexLoRA)
+                                  adapter, or one per client for FlexLoRA), and the clients' own
+                                  state where the method keeps one (FedSA-LoRA's B_k)
     manifest.json                 sha256 of every file above
 
 It is written as a whole directory with ``florist.io.atomic_directory`` so a kill at any moment
@@ -54,6 +55,8 @@ class CheckpointState:
     # Continue methods: the last broadcast (one adapter for all, or one per client id).
     global_adapter: Adapter | None = None
     per_client: dict[str, Adapter] | None = None
+    # Methods with local factors: each client's own last trained adapter.
+    client_state: dict[str, Adapter] = field(default_factory=dict)
 
 
 # --- Adapter <-> flat tensor dict ----------------------------------------------------------
@@ -123,14 +126,18 @@ def save_checkpoint(output_dir: str | Path, state: CheckpointState) -> Path:
             _save(tmp / rel, *_flatten(adapter, ""))
             rounds.append(str(rel))
             files.append(rel)
-        server: dict[str, Any] = {"global": state.global_adapter is not None, "clients": []}
-        if state.global_adapter is not None or state.per_client:
+        server: dict[str, Any] = {"global": state.global_adapter is not None, "clients": [], "state": []}
+        if state.global_adapter is not None or state.per_client or state.client_state:
             tensors, scalings = _flatten(state.global_adapter or {}, "global/")
-            for cid, adapter in (state.per_client or {}).items():
-                t, s = _flatten(adapter, f"client/{cid}/")
-                tensors.update(t)
-                scalings.update(s)
-                server["clients"].append(cid)
+            for key, prefix, adapters in (
+                ("clients", "client", state.per_client or {}),
+                ("state", "state", state.client_state),
+            ):
+                for cid, adapter in adapters.items():
+                    t, s = _flatten(adapter, f"{prefix}/{cid}/")
+                    tensors.update(t)
+                    scalings.update(s)
+                    server[key].append(cid)
             _save(tmp / "server.safetensors", tensors, scalings)
             files.append(Path("server.safetensors"))
         atomic_write_json(
@@ -205,8 +212,9 @@ def load_checkpoint(output_dir: str | Path) -> CheckpointState | None:
             raise CheckpointError(f"{path / rel}: not covered by the checkpoint manifest")
         merged.append(_unflatten(*_load(path / rel), "", path / rel))
     global_adapter = per_client = None
+    client_state: dict[str, Adapter] = {}
     server = state["server"]
-    if server["global"] or server["clients"]:
+    if server["global"] or server["clients"] or server.get("state"):
         where = path / "server.safetensors"
         tensors, scalings = _load(where)
         if server["global"]:
@@ -215,6 +223,9 @@ def load_checkpoint(output_dir: str | Path) -> CheckpointState | None:
             per_client = {
                 cid: _unflatten(tensors, scalings, f"client/{cid}/", where) for cid in server["clients"]
             }
+        client_state = {
+            cid: _unflatten(tensors, scalings, f"state/{cid}/", where) for cid in server.get("state", [])
+        }
     return CheckpointState(
         completed_round=int(state["completed_round"]),
         metrics=state["metrics"],
@@ -222,4 +233,5 @@ def load_checkpoint(output_dir: str | Path) -> CheckpointState | None:
         merged=merged,
         global_adapter=global_adapter,
         per_client=per_client,
+        client_state=client_state,
     )

@@ -120,8 +120,8 @@ class RunConfig:
             allowed = AGGREGATORS[self.method].client_inits
             if self.client_init not in allowed:
                 raise ConfigError(
-                    f"{self.method} needs client_init {' or '.join(allowed)}: its frozen A is drawn once "
-                    f"from the seed and shared by every client, so client_init {self.client_init} does not apply"
+                    f"{self.method} needs client_init {' or '.join(allowed)}: its frozen factor is shared by "
+                    f"every client (FFA-LoRA's A, RoLoRA's), so client_init {self.client_init} does not apply"
                 )
         if not (0.0 < float(self.threshold) <= 1.0):
             raise ConfigError(f"threshold (tau) must be in (0, 1], got {self.threshold}")
@@ -206,17 +206,17 @@ def method_from_paper_flags(
     fedit: bool = False,
     zero_padding: bool = False,
     heter: bool = False,
+    newer: dict[str, bool] | None = None,
 ) -> str:
     """Map the paper's boolean switches to one method name.
 
     The paper's README passes ``--zero_padding True`` next to ``--florist True`` in the
-    heterogeneous runs, so the specific methods take precedence over zero-padding.
+    heterogeneous runs, so the specific methods take precedence over zero-padding. ``newer``
+    maps the methods published after FLoRIST (``NEWER_METHODS``: ``--fedex True`` etc.) to their flags.
     """
-    chosen = [
-        name
-        for name, on in (("florist", florist), ("flora", flora or stacking), ("flexlora", flex), ("ffa", ffa))
-        if on
-    ]
+    switches = [("florist", florist), ("flora", flora or stacking), ("flexlora", flex), ("ffa", ffa)]
+    switches += [(name, bool((newer or {}).get(name))) for name in NEWER_METHODS]
+    chosen = [name for name, on in switches if on]
     if len(chosen) > 1:
         raise ConfigError(f"choose one aggregation method, got {' and '.join(chosen)}")
     if chosen:

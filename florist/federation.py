@@ -140,18 +140,26 @@ def _max_rank_adapter(adapters: dict[str, Adapter]) -> Adapter:
 class ServerState:
     """What the server remembers between rounds."""
 
-    merged: list[Adapter] = field(default_factory=list)  # merge methods, one per round
-    global_adapter: Adapter | None = None  # continue methods: the last broadcast
+    merged: list[Adapter] = field(default_factory=list)  # folded into the base, one per round
+    global_adapter: Adapter | None = None  # continue methods: the last broadcast (or global view)
     per_client: dict[str, Adapter] | None = None  # FlexLoRA: one per client id
+    # Per-client state of methods with local factors (FedSA-LoRA's B_k): each client's own last
+    # trained adapter, which in a real federation lives on the client.
+    client_state: dict[str, Adapter] = field(default_factory=dict)
 
     def broadcast(self, result: GlobalResult) -> None:
-        if result.merge:
-            self.merged.append(_to_cpu(result.adapter or {}))
-        else:
-            self.global_adapter = _to_cpu(result.adapter) if result.adapter is not None else None
+        if result.folded is not None:
+            self.merged.append(_to_cpu(result.folded))
+        if not result.merge:
+            shared = result.adapter if result.adapter is not None else result.global_view
+            self.global_adapter = _to_cpu(shared) if shared is not None else None
             self.per_client = (
                 {cid: _to_cpu(a) for cid, a in result.per_client.items()} if result.per_client else None
             )
+
+    def keep(self, cid: str, trained: Adapter) -> None:
+        """Remember client ``cid``'s own trained adapter (methods with local factors)."""
+        self.client_state[cid] = _to_cpu(trained)
 
     def continuation(self, cid: str) -> Adapter | None:
         """The adapter client ``cid`` continues from (any rank), or None for a fresh start."""
@@ -161,14 +169,20 @@ class ServerState:
             return self.per_client.get(cid) or _max_rank_adapter(self.per_client)
         return self.global_adapter
 
+    def active_adapter(self) -> Adapter | None:
+        """The global model's adapter on top of the (merged) base: None for the merge methods."""
+        if self.global_adapter is not None:
+            return self.global_adapter
+        return _max_rank_adapter(self.per_client) if self.per_client else None
+
     def final_adapter(self) -> Adapter:
+        """The whole update of the run: every folded adapter, then the active one."""
+        active = self.active_adapter()
         if self.merged:
-            return stack_adapters(self.merged)
-        if self.per_client:
-            return _max_rank_adapter(self.per_client)
-        if self.global_adapter is None:
+            return stack_adapters([*self.merged, active] if active is not None else self.merged)
+        if active is None:
             raise FloristError("no global adapter: no round has completed")
-        return self.global_adapter
+        return active
 
 
 def _to_cpu(adapter: Adapter) -> Adapter:
@@ -413,7 +427,12 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     if resumed is not None:
         metrics = resumed.metrics
         metrics["config"] = cfg.to_dict()
-        server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client)
+        if aggregator.local_factors and not resumed.client_state:
+            raise ConfigError(
+                f"{checkpoint_path(out)}: {cfg.method} keeps each client's own {'/'.join(aggregator.local_factors)} "
+                "across rounds, but the checkpoint holds no per-client state; it cannot be resumed exactly"
+            )
+        server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client, resumed.client_state)
         # Same ops in the same order as the original run, so the base is bit-identical.
         for adapter in server.merged:
             host.merge_into_base(adapter)
@@ -442,7 +461,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         dp_norms: dict[str, float] = {}
         for k in tqdm(selected, desc=f"round {rnd} clients", leave=False, disable=disable):
             cid, rank = client_id(k), cfg.client_rank(k)
-            init = None if aggregator.merges_into_base else _continuation(server, host, cfg, rnd, k)
+            init = _start(aggregator, server, host, cfg, rnd, k)
             results[cid] = trainer.train(
                 client_id=cid,
                 client_index=k,
@@ -455,7 +474,10 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 frozen_A={n: A[:rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
                 shared_init_rank=shared_init_rank,
                 keep_start=dp is not None,
+                freeze=frozen_factors(aggregator, rnd),
             )
+            if aggregator.local_factors:  # the client keeps what it trained (FedSA-LoRA's B)
+                server.keep(cid, results[cid].update.modules)
             if dp == "local":  # the client's own step, before its upload leaves it
                 results[cid].update, dp_norms[cid] = privacy.privatize_upload(
                     results[cid].update,
@@ -488,7 +510,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         aggregation_seconds = time.perf_counter() - t0
         communication = round_communication(result, updates, wire_dtype=wire_dtype)
         server.broadcast(result)
-        if result.merge:
+        if result.folded is not None:
             host.merge_into_base(server.merged[-1])
         stats = _round_stats(results)
         entry = round_entry(
@@ -506,7 +528,13 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         save_checkpoint(
             out,
             CheckpointState(
-                rnd, metrics, cfg.to_dict(), server.merged, server.global_adapter, server.per_client
+                rnd,
+                metrics,
+                cfg.to_dict(),
+                server.merged,
+                server.global_adapter,
+                server.per_client,
+                server.client_state,
             ),
         )
         losses = [s["losses"] for s in stats.values() if s["losses"]]
@@ -519,7 +547,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         )
 
     final = server.final_adapter()
-    active = None if server.merged else final  # merged updates already live in the base
+    active = server.active_adapter()  # folded updates already live in the base
     metrics["eval_after"] = evaluate(host, tokenizer, active) if cfg.evaluate else {}
     metrics.update(run_totals(metrics["rounds"], final))
     metrics["privacy"] = privacy.privacy_report(cfg, metrics["rounds"])
@@ -551,6 +579,51 @@ def _continuation(server: ServerState, host: Any, cfg: RunConfig, rnd: int, k: i
         host.remove()
         init = pad_adapter(init, fresh)
     return truncate_adapter(init, rank)
+
+
+def frozen_factors(aggregator: Any, rnd: int) -> tuple[str, ...]:
+    """The factors a client keeps frozen in round ``rnd`` (RoLoRA: the one it does not train).
+    FFA's frozen A is installed from its own seed (``frozen_A``), so it is not listed here."""
+    if aggregator.frozen_A:
+        return ()
+    return tuple(f for f in ("A", "B") if f not in aggregator.trained_factors(rnd))
+
+
+def _start(
+    aggregator: Any, server: ServerState, host: Any, cfg: RunConfig, rnd: int, k: int
+) -> Adapter | None:
+    """What client k starts round ``rnd`` from, from the method's declarations alone.
+
+    Merge methods: a fresh LoRA. Otherwise the continuation (``_continuation``); in round 1 the
+    method's shared start (``initial_adapter``, RoLoRA) if it has one. For methods with local
+    factors, those come from the client's own last trained adapter (zeros, the fresh value of B,
+    before it has trained).
+    """
+    if aggregator.merges_into_base:
+        return None
+    init = _continuation(server, host, cfg, rnd, k)
+    rank = cfg.client_rank(k)
+    if init is None:
+        start = aggregator.initial_adapter(host.module_shapes, rank, cfg.seed)
+        return truncate_adapter(start, rank) if start is not None else None
+    return with_local_factors(init, server.client_state.get(client_id(k)), aggregator.local_factors)
+
+
+def with_local_factors(received: Adapter, own: Adapter | None, factors: tuple[str, ...]) -> Adapter:
+    """``received`` with ``factors`` replaced by the client's own (zeros when it has none yet).
+
+    The scaling goes with B: the client's own B keeps the client's own scaling.
+    """
+    if not factors:
+        return received
+    out: Adapter = {}
+    for name, f in received.items():
+        mine = own[name] if own is not None else None
+        A = mine.A if mine is not None and "A" in factors else f.A
+        B = (mine.B if mine is not None else torch.zeros_like(f.B)) if "B" in factors else f.B
+        scaling = mine.scaling if mine is not None and "B" in factors else f.scaling
+        out[name] = LoraFactors(A=A, B=B, scaling=scaling)
+    return out
 
 
 def _write_outputs(

@@ -140,6 +140,7 @@ class LoraHost:
         generator: torch.Generator | None = None,
         frozen_A: dict[str, torch.Tensor] | None = None,
         init_rank: int | None = None,
+        freeze: tuple[str, ...] = (),
     ) -> None:
         """Put a LoRA of ``rank`` and scaling ``alpha / rank`` in the slot (replacing any there).
 
@@ -149,7 +150,10 @@ class LoraHost:
         share a generator share their init up to their own rank. With ``init``: A and B are copied and B is rescaled by
         ``init.scaling / (alpha / rank)`` so the effective update equals init's. With
         ``frozen_A`` (FFA-LoRA): A is the first ``rank`` rows of ``frozen_A[name]`` and is frozen.
+        ``freeze`` names factors ("A", "B") that keep their installed values (RoLoRA's shared one).
         """
+        if not set(freeze) <= {"A", "B"}:
+            raise ValueError(f"freeze takes the factors A and B, got {freeze!r}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
@@ -204,6 +208,9 @@ class LoraHost:
                     B.copy_(src if ratio == 1.0 else src.to(torch.float64) * ratio)
                 else:
                     B.zero_()
+                for factor, weight in (("A", A), ("B", B)):
+                    if factor in freeze:
+                        weight.requires_grad_(False)
 
     def extract(self) -> Adapter:
         """The slot's LoRA as fp32 CPU copies, with scaling alpha / r."""

@@ -290,6 +290,7 @@ class LocalTrainer:
         frozen_A: dict[str, torch.Tensor] | None = None,
         shared_init_rank: int | None = None,
         keep_start: bool = False,
+        freeze: tuple[str, ...] = (),
     ) -> ClientResult:
         """Install the client's LoRA (fresh, from ``init``, or FFA's ``frozen_A``), train it, return it.
 
@@ -309,6 +310,7 @@ class LocalTrainer:
             generator=init_generator(seed, round_index, client_index, shared=shared),
             frozen_A=frozen_A,
             init_rank=shared_init_rank,
+            freeze=freeze,
         )
         installed = self.host.extract() if keep_start else None
         generator = client_generator(seed, round_index, client_index)

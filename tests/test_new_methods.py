@@ -329,3 +329,169 @@ def test_cli_refuses_fedex_with_heterogeneous_ranks(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs homogeneous ranks" in err[0] and str(dirs[1]) in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# --- the round loop: declarations drive training, state and resume --------------------------
+
+
+def spy_training(monkeypatch) -> list[dict]:
+    """Record every client's start and upload (round, client, init, update) during a run."""
+    import florist.training
+
+    calls: list[dict] = []
+    train = florist.training.LocalTrainer.train
+
+    def spy(self, **kwargs):
+        result = train(self, **kwargs)
+        calls.append({**kwargs, "update": result.update})
+        return result
+
+    monkeypatch.setattr(florist.training.LocalTrainer, "train", spy)
+    return calls
+
+
+def tiny_run(data, out, method: str, rounds: int, **overrides):
+    from conftest import tiny_run_config
+
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+
+    cfg = tiny_run_config(data, out, method=method, num_communication_rounds=rounds, seed=5, **overrides)
+    model, tokenizer = tiny_llama(seed=0)
+    return cfg, run_federated(cfg, model=model, tokenizer=tokenizer)
+
+
+def test_fedsa_clients_keep_their_own_B_across_rounds_and_a_resume(tmp_path, federated_data, monkeypatch):
+    """Invariant: client k starts round r + 1 from (Ā_r, its own B_k of round r) bit for bit, also
+    after a resume, and the resumed run writes exactly the whole run's adapters."""
+    import dataclasses
+
+    from florist.checkpoint import load_checkpoint
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+
+    data = federated_data(3)
+    calls = spy_training(monkeypatch)
+    cfg, _ = tiny_run(data, tmp_path / "whole", "fedsa", 3)
+    by = {(c["round_index"], c["client_id"]): c for c in calls}
+    for rnd in (2, 3):
+        for k in range(3):
+            cid = f"client_{k}"
+            start, before = by[(rnd, cid)]["init"], by[(rnd - 1, cid)]["update"].modules
+            ups = [by[(rnd - 1, f"client_{j}")]["update"] for j in range(3)]
+            for name, f in start.items():
+                assert torch.equal(f.B, before[name].B) and f.scaling == before[name].scaling
+                A_bar = sum(w * u.modules[name].A.double() for w, u in zip(weights(ups), ups))
+                torch.testing.assert_close(f.A, A_bar, rtol=1e-12, atol=1e-12)
+    # resume: two rounds, then a third from the checkpoint
+    calls.clear()
+    part = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"), num_communication_rounds=2)
+    run_federated(part, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
+    state = load_checkpoint(part.output_dir)
+    assert sorted(state.client_state) == ["client_0", "client_1", "client_2"]
+    calls.clear()
+    model, tokenizer = tiny_llama(seed=0)
+    run_federated(
+        dataclasses.replace(part, num_communication_rounds=3, resume=True), model=model, tokenizer=tokenizer
+    )
+    assert [c["round_index"] for c in calls] == [3, 3, 3]
+    for c in calls:
+        for name, f in c["init"].items():
+            assert torch.equal(f.B, state.client_state[c["client_id"]][name].B)
+    for rel in ["adapter"] + [f"adapter/clients/client_{k}" for k in range(3)]:
+        a = (tmp_path / "whole" / rel / "adapter_model.safetensors").read_bytes()
+        assert a == (tmp_path / "part" / rel / "adapter_model.safetensors").read_bytes(), rel
+
+
+def test_rolora_run_alternates_and_sends_one_factor(tmp_path, federated_data, monkeypatch):
+    """Invariant: in odd rounds only A changes (B stays the shared start bit for bit), in even
+    rounds only B; the broadcast is the exact average of the clients' updates; only the trained
+    factor is counted on the wire."""
+    calls = spy_training(monkeypatch)
+    cfg, metrics = tiny_run(federated_data(3), tmp_path / "out", "rolora", 3)
+    by = {(c["round_index"], c["client_id"]): c for c in calls}
+    for rnd, frozen in ((1, "B"), (2, "A"), (3, "B")):
+        ups = [by[(rnd, f"client_{k}")]["update"] for k in range(3)]
+        for u in ups:
+            init = by[(rnd, u.client_id)]["init"]
+            for name, f in u.modules.items():
+                # effective factors (B carries the scaling; the start has scaling 1)
+                got = {"A": f.A, "B": f.scaling * f.B}
+                was = {"A": init[name].A.float(), "B": init[name].scaling * init[name].B.float()}
+                assert torch.equal(got[frozen], was[frozen])
+                trained = "A" if frozen == "B" else "B"
+                assert not torch.equal(got[trained], was[trained])
+        if rnd < 3:  # the next round starts from the exact average
+            nxt = by[(rnd + 1, "client_0")]["init"]
+            for name in nxt:
+                want = sum(w * u.modules[name].delta() for w, u in zip(weights(ups), ups))
+                torch.testing.assert_close(nxt[name].delta(), want, rtol=1e-6, atol=1e-9)
+        comm = metrics["rounds"][rnd - 1]["communication"]
+        ref = ups[0].modules
+        per_client = sum(getattr(f, "A" if frozen == "B" else "B").numel() for f in ref.values())
+        assert (
+            comm["clients"]["client_1"]["params_up"]
+            == comm["clients"]["client_1"]["params_down"]
+            == per_client
+        )
+    assert metrics["client_init"] == "shared"
+    assert cfg.method == "rolora"
+
+
+def test_fedex_run_folds_the_residual_and_writes_the_exact_total(tmp_path, federated_data, monkeypatch):
+    """Invariant: adapter/ of a two-round FedEx run is the exact total: residual of round 1 plus
+    the average of the round-2 clients' updates (who started from FedIT's average)."""
+    from florist.adapters import read_peft_adapter
+
+    calls = spy_training(monkeypatch)
+    _cfg, metrics = tiny_run(federated_data(3), tmp_path / "out", "fedex", 2)
+    by = {(c["round_index"], c["client_id"]): c for c in calls}
+    r1 = [by[(1, f"client_{k}")]["update"] for k in range(3)]
+    r2 = [by[(2, f"client_{k}")]["update"] for k in range(3)]
+    final, _ = read_peft_adapter(tmp_path / "out" / "adapter")
+    for name, f in final.items():
+        start = by[(2, "client_0")]["init"][name]  # FedIT's average of round 1
+        exact1 = sum(w * u.modules[name].delta() for w, u in zip(weights(r1), r1))
+        exact2 = sum(w * u.modules[name].delta() for w, u in zip(weights(r2), r2))
+        torch.testing.assert_close(f.delta(), exact1 - start.delta() + exact2, rtol=1e-5, atol=1e-6)
+    # the residual is downloaded: more than FedIT's two factors
+    comm = metrics["rounds"][0]["communication"]["clients"]["client_0"]
+    assert comm["params_down"] > comm["params_up"]
+
+
+# --- main.py flags and refused combinations -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "method"),
+    [
+        ({"fedex": "True"}, "fedex"),
+        ({"fedsa": True}, "fedsa"),
+        ({"rolora": True}, "rolora"),
+        ({"hetlora": True, "heter": True, "zero_padding": True}, "hetlora"),
+        ({"lorafair": "true"}, "lorafair"),
+    ],
+)
+def test_main_py_flag_per_method(flags, method):
+    from test_main_py import paper
+
+    assert paper.build_config(**flags).method == method
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"fedex": True, "heter": True}, "fedex needs homogeneous ranks"),
+        ({"rolora": True, "heter": True}, "rolora needs homogeneous ranks"),
+        ({"lorafair": True, "heter": True}, "lorafair needs homogeneous ranks"),
+        ({"fedex": True, "florist": True}, "choose one aggregation method"),
+        ({"rolora": True, "client_init": "per_client"}, "rolora needs client_init shared"),
+    ],
+)
+def test_bad_combinations_are_refused(flags, message):
+    from test_main_py import paper
+
+    from florist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        paper.build_config(**flags)
