@@ -11,7 +11,8 @@ the newer methods' --fedex, --fedsa, --rolora, --hetlora, --lorafair) pick the a
 ``florist.config.method_from_paper_flags``. Full fine-tuning (--full) and
 AdaLoRA (--Adalora) are not supported. Our additions: --max_samples_per_client, --eval_samples,
 --seed, --local_max_steps, --client_init (shared | per_client; default: the method's, as in the
-authors' code). The equivalent florist command is ``florist run``.
+authors' code), and client-level differential privacy: --dp_clip_norm C --dp_noise_multiplier z
+--dp_delta 1e-5 --dp_mode local|central (florist.privacy). The equivalent florist command is ``florist run``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def as_list(value: Any, item: type, name: str) -> list:
         raise ConfigError(
             f"--{name} must be a comma-separated list of {item.__name__}, got {value!r}"
         ) from None
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} must be a number, got {value!r}") from None
 
 
 def build_config(
@@ -104,6 +112,10 @@ def build_config(
     seed: int = 42,
     local_max_steps: int | None = None,
     client_init: Any = None,
+    dp_clip_norm: float = 0.0,
+    dp_noise_multiplier: float = 0.0,
+    dp_delta: float = 1e-5,
+    dp_mode: str = "local",
 ) -> RunConfig:
     """The RunConfig for the paper's flags; unsupported combinations raise ConfigError."""
     if as_bool(full, "full"):
@@ -181,6 +193,10 @@ def build_config(
         dev_data_path=None if dev_data_path in (None, "") else str(dev_data_path),
         resume=resume,
         client_init=None if client_init in (None, "", "None", "auto") else str(client_init),
+        dp_clip_norm=_number(dp_clip_norm, "dp_clip_norm"),
+        dp_noise_multiplier=_number(dp_noise_multiplier, "dp_noise_multiplier"),
+        dp_delta=_number(dp_delta, "dp_delta"),
+        dp_mode=str(dp_mode),
     ).validate()
 
 

@@ -346,11 +346,16 @@ def central_aggregate(
     return noise_result(result, factors, std, generator), norms
 
 
-def round_privacy(cfg: Any, rounds: Sequence[dict[str, Any]], norms: dict[str, float]) -> dict[str, Any]:
-    """A round's ``privacy`` entry: ε so far (``rounds`` ends with this round) and how many of
-    its uploads the clip bound cut."""
+def round_privacy(
+    cfg: Any, rounds: Sequence[dict[str, Any]], norms: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """A round's ``privacy`` entry: ε so far (``rounds`` ends with this round) and, where the
+    norms are known (florist run simulates the clients), how many uploads the clip bound cut.
+    A Flower server under local DP never sees a norm: it would leak."""
     releases = releases_per_round(cfg.dp_mode, [r["clients"] for r in rounds])[-1]
-    return {
-        "epsilon": epsilon(float(cfg.dp_noise_multiplier), releases, float(cfg.dp_delta)),
-        "clipped": sum(1 for n in norms.values() if n > cfg.dp_clip_norm),
+    entry: dict[str, Any] = {
+        "epsilon": epsilon(float(cfg.dp_noise_multiplier), releases, float(cfg.dp_delta))
     }
+    if norms is not None:
+        entry["clipped"] = sum(1 for n in norms.values() if n > cfg.dp_clip_norm)
+    return entry

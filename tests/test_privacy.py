@@ -395,3 +395,85 @@ def test_run_writes_privacy_section(method, mode, tmp_path, federated_data):
     from florist.cli.run import format_summary
 
     assert f"epsilon {p['epsilon']:.3g}" in format_summary(metrics)
+
+
+# --- main.py and Flower ------------------------------------------------------------------------
+
+
+def test_main_py_maps_the_privacy_flags():
+    from test_main_py import paper
+
+    cfg = paper.build_config(
+        fedit=True, dp_clip_norm="0.5", dp_noise_multiplier=2, dp_delta=1e-6, dp_mode="central"
+    )
+    assert (cfg.method, cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.dp_mode) == (
+        "fedit",
+        0.5,
+        2.0,
+        1e-6,
+        "central",
+    )
+    with pytest.raises(ConfigError, match="--dp_mode central is not valid for florist"):
+        paper.build_config(florist=True, dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_mode="central")
+    with pytest.raises(ConfigError, match="--dp_clip_norm must be a number"):
+        paper.build_config(dp_clip_norm="one")
+
+
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """Messages built outside a Flower process need a run/node/task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_flower_nodes_clip_and_noise_their_uploads(tmp_path, flower_identity):
+    """Local DP on Flower (fake grid, the real ClientApp): what leaves a node is noised with z·C."""
+    from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
+
+    from florist.flower import protocol
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+
+    data = write_tiny_data(tmp_path / "data")
+    C, z = 1e-3, 50.0  # the noise (std 0.05) dwarfs the clipped update (norm <= 0.001)
+    cfg = tiny_config(
+        data, tmp_path / "flower", "ffa", heter=False, rounds=1, dp_clip_norm=C, dp_noise_multiplier=z
+    )
+    grid = FakeGrid(cfg, data, [cfg.lora_r] * 3)
+    replies = []
+    deliver = grid.send_and_receive
+
+    def capture(messages, *, timeout=None):
+        out = deliver(messages, timeout=timeout)
+        replies.extend(out)
+        return out
+
+    grid.send_and_receive = capture
+    metrics = run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    uploads = [r.content for r in replies if protocol.UPDATE in r.content.array_records]
+    assert len(uploads) == 3
+    for content in uploads:
+        # FFA's round 1 starts from B = 0 and only B travels: s·B is the clipped update plus noise.
+        scaled = [
+            content[protocol.UPDATE_SCALING][key.rsplit("/", 1)[0]]
+            * torch.from_numpy(arr.numpy().copy()).double()
+            for key, arr in content[protocol.UPDATE].items()
+        ]
+        assert all(key.endswith("/B") for key in content[protocol.UPDATE])
+        v = torch.cat([x.flatten() for x in scaled])
+        # ‖v - noise‖ <= C moves the root mean square by at most C/sqrt(n), 1/(z sqrt(n)) relative
+        # to z·C; the sample's own spread is 1/sqrt(2n) (six of them allowed).
+        rms, n = float(v.square().mean().sqrt()), v.numel()
+        assert abs(rms / (z * C) - 1) < 6 / math.sqrt(2 * n) + 1 / (z * math.sqrt(n)), (rms, n)
+    p = metrics["privacy"]
+    assert (p["mode"], p["epsilon"]) == ("local", privacy.epsilon(z, 1, cfg.dp_delta))
+    assert metrics["rounds"][0]["privacy"] == {"epsilon": p["epsilon"]}  # no norms reach the server
+    central = tiny_config(
+        data, tmp_path / "c", "fedit", heter=False, dp_clip_norm=C, dp_noise_multiplier=z, dp_mode="central"
+    )
+    with pytest.raises(ConfigError, match="dp-mode central is not available on Flower yet"):
+        run_flower_server(
+            FakeGrid(central, data, [4] * 3), central, FlowerOptions(round_timeout=5, node_wait_timeout=1)
+        )

@@ -190,6 +190,7 @@ def train(message: Message, context: Context) -> Message:
     """One round of local training, starting where the server's message says."""
     import torch
 
+    from florist import privacy
     from florist.aggregation import AGGREGATORS
     from florist.federation import pad_adapter, truncate_adapter
     from florist.lora import LoraHost
@@ -246,6 +247,7 @@ def train(message: Message, context: Context) -> Message:
 
     device = resolve_device(cfg.device)
     trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
+    local_dp = privacy.dp_enabled(cfg) and cfg.dp_mode == "local"
     result = trainer.train(
         client_id=node.client_id,
         client_index=k,
@@ -257,9 +259,20 @@ def train(message: Message, context: Context) -> Message:
         seed=cfg.seed,
         frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
         shared_init_rank=shared_init_rank,
+        keep_start=local_dp,
     )
+    upload = result.update
+    if local_dp:  # clipped and noised here, before anything leaves this node (florist.privacy)
+        upload, _norm = privacy.privatize_upload(
+            upload,
+            result.start,
+            tuple(config["upload-factors"]),
+            clip_norm=cfg.dp_clip_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            generator=privacy.noise_generator(),
+        )
     arrays, scalings = adapter_to_record(
-        result.update.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
+        upload.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
     )
     losses = [float(x) for x in result.losses]
     metrics = MetricRecord(

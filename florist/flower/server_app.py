@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from florist import privacy
 from florist.config import ConfigError, RunConfig
 from florist.flower import protocol
 from florist.flower.app_config import FlowerOptions, run_config_from_flower
@@ -114,6 +115,11 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         raise ConfigError(
             "save-merged is not supported by the Flower app; merge adapter/ into the base with peft"
         )
+    if privacy.dp_enabled(cfg) and cfg.dp_mode == "central":
+        raise ConfigError(
+            "dp-mode central is not available on Flower yet: the server would clip each upload against "
+            "the node's round start, which it does not hold; use dp-mode local (each node clips and noises)"
+        )
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     resumed = load_checkpoint(out) if cfg.resume else None
@@ -160,6 +166,7 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
     else:
         metrics["eval_after"] = {}
     metrics.update(run_totals(metrics["rounds"], final))
+    metrics["privacy"] = privacy.privacy_report(cfg, metrics["rounds"])
     metrics["wire_total"] = {
         key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
         for key in ("params_up", "bytes_up", "params_down", "bytes_down")

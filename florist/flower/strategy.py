@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from florist import privacy
 from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
 from florist.config import RunConfig
 from florist.errors import FloristError
@@ -372,6 +373,8 @@ class FloristStrategy(FedAvg):
             aggregation_seconds=aggregation_seconds,
             seconds=time.perf_counter() - self._round_started,
         ) | {"wire": {"clients": {}, "total": _counter()}}
+        if privacy.dp_enabled(self.cfg):  # local DP: the nodes noised their uploads
+            entry["privacy"] = privacy.round_privacy(self.cfg, [*self.metrics["rounds"], entry])
         eff = entry["eff"]
         self.metrics["rounds"].append(entry)
         for client, arrays in uploads.items():
