@@ -36,6 +36,11 @@ METHOD_LABELS = {
     "flexlora": "FlexLoRA",
     "ffa": "FFA-LoRA",
     "florist": "FLoRIST",
+    "fedex": "FedEx-LoRA",
+    "fedsa": "FedSA-LoRA",
+    "rolora": "RoLoRA",
+    "hetlora": "HetLoRA",
+    "lorafair": "LoRA-FAIR",
 }
 
 
@@ -46,6 +51,11 @@ METHOD_COLORS = {
     "flexlora": "tab:purple",
     "ffa": "tab:red",
     "florist": "tab:blue",
+    "fedex": "tab:pink",
+    "fedsa": "tab:olive",
+    "rolora": "tab:cyan",
+    "hetlora": "tab:gray",
+    "lorafair": "gold",
 }
 
 

@@ -48,8 +48,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
-from florist.config import ConfigError, RunConfig
+from florist import privacy
+from florist.aggregation import AGGREGATORS, Adapter, ClientUpdate, GlobalResult, get_aggregator
+from florist.config import NEWER_METHODS, ConfigError, RunConfig
 from florist.federation import find_mmlu_file
 from florist.io import atomic_directory, atomic_write_json, atomic_write_text, output_lock
 from florist.progress import bar_disabled
@@ -62,9 +63,14 @@ from florist.report import (
     per_client_bytes,
 )
 
-SWEEP_METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
-HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist")
-HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist")
+# The paper's methods (the default), then those published after it (florist.config.NEWER_METHODS).
+PAPER_METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+SWEEP_METHODS = (*PAPER_METHODS, *NEWER_METHODS)
+HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist", *NEWER_METHODS)
+# Where a method declares no rule for mixed ranks it sits out the heterogeneous setting.
+HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist") + tuple(
+    m for m in NEWER_METHODS if AGGREGATORS[m].supports_heterogeneous
+)
 DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
 SWEEP_CLIENT_INITS = ("auto", "shared", "per_client", "both")
 DEFAULT_LOSS_TOLERANCE = 0.005  # nats: FLoRIST-E's allowance when τ is chosen on held-out loss
@@ -105,6 +111,9 @@ def parse_thresholds(spec: str | Sequence[float]) -> list[float]:
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """Methods from "fedit,florist" or a list; "all" is every method, new ones included."""
+    if isinstance(spec, str) and spec.strip() == "all":
+        return list(SWEEP_METHODS)
     names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [m for m in names if m]
     unknown = [m for m in names if m not in SWEEP_METHODS]
@@ -228,6 +237,13 @@ def finish_setting(
 
 def eval_adapter(result: GlobalResult) -> Adapter:
     """The adapter a method's global model is evaluated with (see the module docstring)."""
+    if result.global_view is not None:  # FedSA-LoRA: the average of the clients' updates
+        return result.global_view
+    if result.base_update is not None:  # FedEx-LoRA: the residual is in the clients' base
+        from florist.federation import stack_adapters
+
+        assert result.adapter is not None
+        return stack_adapters([result.base_update, result.adapter])
     if result.per_client is None:
         assert result.adapter is not None
         return result.adapter
@@ -277,6 +293,8 @@ class TrainingGroup:
     client_init: str  # shared | per_client
     frozen_A: bool  # FFA-LoRA
     methods: tuple[str, ...]
+    # The methods' Aggregator.training_kind(): e.g. RoLoRA trains A alone from its own start.
+    kind: tuple[object, ...] = ()
 
 
 def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[TrainingGroup]:
@@ -285,7 +303,7 @@ def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[T
 
     if client_init not in SWEEP_CLIENT_INITS:
         raise ConfigError(f"client_init must be one of {', '.join(SWEEP_CLIENT_INITS)}, got {client_init!r}")
-    groups: dict[tuple[str, bool], list[str]] = {}
+    groups: dict[tuple[str, tuple[object, ...]], list[str]] = {}
     for method in methods:
         cls = AGGREGATORS[method]
         if client_init == "both":
@@ -295,9 +313,13 @@ def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[T
         else:  # "auto", or an override the method cannot take (FFA-LoRA's shared A)
             inits = [cls.client_init]
         for init in inits:
-            groups.setdefault((init, cls.frozen_A), []).append(method)
-    order = sorted(groups, key=lambda key: (key[1], key[0] != "per_client"))
-    return [TrainingGroup(init, frozen, tuple(groups[(init, frozen)])) for init, frozen in order]
+            groups.setdefault((init, cls.training_kind()), []).append(method)
+    # per-client inits first, then shared ones; the ordinary training before FFA's and RoLoRA's
+    order = sorted(
+        groups,
+        key=lambda key: (key[1] != AGGREGATORS["fedit"].training_kind(), key[1][0], key[0] != "per_client"),
+    )
+    return [TrainingGroup(init, bool(kind[0]), tuple(groups[(init, kind)]), kind) for init, kind in order]
 
 
 def train_clients(
@@ -309,9 +331,12 @@ def train_clients(
     frozen_A: bool = False,
     client_init: str = "per_client",
     progress: bool = True,
+    method: str | None = None,
 ) -> list[Any]:
-    """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg."""
-    from florist.federation import client_id, sample_clients
+    """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg.
+
+    ``method`` (any of its training group) gives the round-1 start and frozen factors (RoLoRA)."""
+    from florist.federation import ServerState, _start, client_id, frozen_factors, sample_clients
     from florist.training import ffa_frozen_A
 
     r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
@@ -324,6 +349,7 @@ def train_clients(
         leave=False,
     ):
         rank = cfg.client_rank(k)
+        cls = AGGREGATORS[method] if method is not None else None
         results.append(
             trainer.train(
                 client_id=client_id(k),
@@ -332,7 +358,8 @@ def train_clients(
                 examples=client_examples[k],
                 rank=rank,
                 alpha=cfg.client_alpha(k),
-                init=None,
+                init=_start(cls, ServerState(), host, cfg, 1, k) if cls is not None else None,
+                freeze=frozen_factors(cls, 1) if cls is not None else (),
                 seed=cfg.seed,
                 frozen_A={n: a[:rank] for n, a in frozen.items()} if frozen is not None else None,
                 shared_init_rank=r_max if client_init == "shared" else None,
@@ -421,7 +448,7 @@ def _sweep_one_round(
                            f"({group.client_init} init{', A frozen' if group.frozen_A else ''})")  # fmt: skip
             results = train_clients(
                 host, trainer, scfg, examples, frozen_A=group.frozen_A, client_init=group.client_init,
-                progress=progress,
+                progress=progress, method=group.methods[0],
             )  # fmt: skip
             trained.append((group, [r.update for r in results]))
             training.append(
@@ -588,8 +615,13 @@ def _sweep_rounds(
                     for r in metrics["rounds"]
                 ]
         settings.append(_setting(name, scfg, base_eval, rows, sv, training))
+    why = (
+        f"{cfg.num_communication_rounds} rounds: the methods diverge after round 1"
+        if not privacy.dp_enabled(cfg)
+        else f"{cfg.dp_mode} differential privacy: every run draws its own noise"
+    )
     note = (
-        f"{cfg.num_communication_rounds} rounds: the methods diverge after round 1, so every configuration "
+        f"{why}, so every configuration "
         f"(each method and each τ) was trained separately with run_federated; runs are under {runs_dir}."
     )
     return settings, note
@@ -611,6 +643,7 @@ def _row_from_metrics(
         "eval": metrics.get("eval_after"),
         "eff": float(metrics.get("eff_total") or 0.0),
         "eff_per_round": metrics.get("eff_per_round"),
+        "epsilon": (metrics.get("privacy") or {}).get("epsilon"),  # None without DP
         "rank_total": int(sum((last.get("ranks") or {}).values())),
         "ranks": last.get("ranks") or {},
         "bytes_down_per_client": down,
@@ -625,7 +658,7 @@ def _row_from_metrics(
 def run_sweep(
     cfg: RunConfig,
     *,
-    methods: Sequence[str] = SWEEP_METHODS,
+    methods: Sequence[str] = PAPER_METHODS,
     thresholds: str | Sequence[float] = DEFAULT_THRESHOLDS,
     heter: Sequence[bool] = (False, True),
     e_tolerance: float | None = None,
@@ -656,7 +689,11 @@ def run_sweep(
     if e_tolerance < 0:
         raise ConfigError(f"--e-tolerance must be >= 0, got {e_tolerance}")
     training_groups(methods, client_init)  # checks client_init
-    dataclasses.replace(cfg, method="florist", threshold=taus[-1]).validate()
+    dataclasses.replace(cfg, method="florist", threshold=taus[-1], dp_mode="local").validate()
+    for method in methods:  # privacy settings hold per method (central DP: linear methods only)
+        problem = privacy.check_config(dataclasses.replace(cfg, method=method))
+        if problem:
+            raise ConfigError(problem)
     if select_by == "mmlu" and not (cfg.evaluate and find_mmlu_file(cfg)):
         raise ConfigError("select_by=mmlu needs MMLU: set --dev_data_path (and keep --evaluate on)")
     if model_factory is None:
@@ -668,7 +705,8 @@ def run_sweep(
     out = Path(cfg.output_dir)
     with output_lock(out):  # one run per output directory (florist.io)
         t0 = time.perf_counter()
-        if cfg.num_communication_rounds == 1:
+        # Under DP every configuration trains and draws its own noise (florist.privacy).
+        if cfg.num_communication_rounds == 1 and not privacy.dp_enabled(cfg):
             if save_adapters:
                 with atomic_directory(out / "adapters") as adapters_tmp:
                     settings = _sweep_one_round(

@@ -495,3 +495,57 @@ def test_bad_combinations_are_refused(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         paper.build_config(**flags)
+
+
+# --- the sweep ------------------------------------------------------------------------------
+
+
+def test_sweep_all_shares_one_training_and_matches_florist_run(tmp_path):
+    """`--methods all` groups FedIT, FedEx, FedSA, HetLoRA and LoRA-FAIR in one shared-init
+    training and RoLoRA in its own; every new method's sweep adapter is bit-identical to its own
+    `florist run` (FedEx: residual + continued adapter; FedSA: the global view)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from test_sweep import _tensors, make_cfg, tiny
+
+    from florist.federation import run_federated
+    from florist.sweep import parse_methods, run_sweep, training_groups
+
+    assert parse_methods("all")[-5:] == list(NEW)
+    groups = training_groups(parse_methods("all"))
+    shared = next(g for g in groups if g.client_init == "shared" and not g.frozen_A and "fedit" in g.methods)
+    assert set(shared.methods) == {"fedit", "fedex", "fedsa", "hetlora", "lorafair"}
+    assert [g.methods for g in groups if "rolora" in g.methods] == [("rolora",)]
+
+    from conftest import write_federated_data
+
+    data = write_federated_data(tmp_path / "data", 3)
+    cfg = make_cfg(data, tmp_path / "sweep", local_ranks=[4, 2, 1])
+    methods = ["fedit", *NEW]
+    sweep = run_sweep(cfg, methods=methods, thresholds="0.9", model_factory=tiny, save_adapters=True,
+                      report=False, progress=False)  # fmt: skip
+    homo, heter = sweep["settings"]
+    assert [g["methods"] for g in homo["training_groups"]] == [
+        ["fedit", "fedex", "fedsa", "hetlora", "lorafair"],
+        ["rolora"],
+    ]
+    assert [g["methods"] for g in heter["training_groups"]] == [["fedsa", "hetlora"]]
+    cases = [(False, m) for m in NEW] + [(True, "fedsa"), (True, "hetlora")]
+    for heterogeneous, method in cases:
+        run_cfg = dataclasses.replace(cfg, method=method, heter=heterogeneous,
+                                      output_dir=str(tmp_path / f"run_{method}_{heterogeneous}"))  # fmt: skip
+        model, tokenizer = tiny()
+        metrics = run_federated(run_cfg, model=model, tokenizer=tokenizer)
+        mine = _tensors(
+            tmp_path / "sweep" / "adapters" / ("heterogeneous" if heterogeneous else "homogeneous") / method
+        )
+        theirs = _tensors(Path(run_cfg.output_dir) / "adapter")
+        assert mine.keys() == theirs.keys(), method
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), (method, heterogeneous, key)
+        row = next(r for r in (heter if heterogeneous else homo)["rows"] if r["method"] == method)
+        assert row["eff"] == pytest.approx(metrics["eff_total"])
+        assert row["communication"]["total"] == metrics["rounds"][0]["communication"]["total"]
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["methods"] == methods

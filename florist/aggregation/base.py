@@ -138,7 +138,8 @@ class Aggregator(ABC):
     def training_kind(cls) -> tuple[object, ...]:
         """What a client's round-1 training depends on besides its init: the sweep trains the
         clients once per distinct value (with the same inits)."""
-        return (cls.frozen_A, cls.trained_factors(1), cls.initial_adapter is not Aggregator.initial_adapter)
+        own_start = cls.initial_adapter.__func__ is not Aggregator.initial_adapter.__func__  # type: ignore[attr-defined]
+        return (cls.frozen_A, cls.trained_factors(1), own_start)
 
     @classmethod
     def initial_adapter(

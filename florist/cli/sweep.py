@@ -35,7 +35,9 @@ def add_parser(subparsers: Any) -> None:
         help="rank settings: homogeneous (false), heterogeneous (true) or both (default)",
     )
     sweep.add_argument(
-        "--methods", default="fedit,zeropad,flora,flexlora,ffa,florist", help="comma-separated methods"
+        "--methods",
+        default="fedit,zeropad,flora,flexlora,ffa,florist",
+        help="comma-separated methods, or all (the paper's and fedex,fedsa,rolora,hetlora,lorafair)",
     )
     sweep.add_argument(
         "--thresholds", default="0.80:1.00:0.01", help="FLoRIST τ grid: START:STOP:STEP (inclusive) or a list"
