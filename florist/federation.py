@@ -549,6 +549,12 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     final = server.final_adapter()
     active = server.active_adapter()  # folded updates already live in the base
     metrics["eval_after"] = evaluate(host, tokenizer, active) if cfg.evaluate else {}
+    if cfg.evaluate and aggregator.local_factors and evaluate.heldout:  # personalised clients
+        from florist.personalised import evaluate_run
+
+        metrics["eval_personal"] = evaluate_run(
+            cfg, host, tokenizer, prompter, server, aggregator.local_factors, datasets, evaluate.heldout
+        )
     metrics.update(run_totals(metrics["rounds"], final))
     metrics["privacy"] = privacy.privacy_report(cfg, metrics["rounds"])
     metrics["seconds"] = time.perf_counter() - started

@@ -549,3 +549,36 @@ def test_sweep_all_shares_one_training_and_matches_florist_run(tmp_path):
         assert row["eff"] == pytest.approx(metrics["eff_total"])
         assert row["communication"]["total"] == metrics["rounds"][0]["communication"]["total"]
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["methods"] == methods
+
+
+def test_fedsa_reports_personalised_and_global_evaluation(tmp_path, federated_data):
+    """Each client's model (base + s_k B_k Ā) is scored on its own held-out records (here the global
+    test records of its own category, reweighted), checked against a direct held-out loss of the
+    client's written adapter on exactly those records; the global view is eval_after."""
+    from florist.adapters import read_peft_adapter
+    from florist.data import Prompter, load_dataset_file
+    from florist.evaluation.heldout import heldout_loss
+    from florist.lora import LoraHost
+    from florist.models import tiny_llama
+
+    data = federated_data(3)
+    cfg, metrics = tiny_run(data, tmp_path / "out", "fedsa", 2, evaluate=True, cutoff_len=512)
+    assert metrics["eval_after"]["heldout"]["loss"] > 0  # the global view on the global test
+    personal = metrics["eval_personal"]
+    assert sorted(personal["clients"]) == ["client_0", "client_1", "client_2"]
+    test, _ = load_dataset_file(data / "3" / "global_test.json")
+    model, tokenizer = tiny_llama(seed=0)
+    host = LoraHost(model, list(cfg.lora_target_modules))
+    losses = {}
+    for k in range(3):
+        own, _ = read_peft_adapter(tmp_path / "out" / "adapter" / "clients" / f"client_{k}")
+        # write_federated_data: client k trains on one category, open_qa if k is odd
+        mine = [r for r in test if r["category"] == ("open_qa" if k % 2 else "brainstorming")]
+        with host.use_adapter(own) as m:
+            want = heldout_loss(m, tokenizer, mine, cutoff_len=cfg.cutoff_len, prompter=Prompter("alpaca"))
+        got = personal["clients"][f"client_{k}"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        losses[k] = want["loss"]
+    sizes = [6, 7, 8]  # write_federated_data: per_client + k records
+    mean = sum(n * losses[k] for k, n in enumerate(sizes)) / sum(sizes)
+    assert personal["mean_loss"] == pytest.approx(mean, rel=1e-6)

@@ -1,0 +1,116 @@
+"""Personalised evaluation for methods whose clients keep their own factors (FedSA-LoRA).
+
+Each client's own model (base + s_k B_k Ā) is scored on that client's held-out records:
+
+* ``<data_path>/<K>/local_test_<k>.json`` when the data set has one per client;
+* otherwise the global test set reweighted to the client's own mix of categories: a record of
+  category c weighs share_k(c) / |test records of c|, so the loss estimates the client's held-out
+  loss under its own label distribution (the paper's Dolly split draws each client's categories
+  from a Dirichlet). Without categories there is nothing to reweight and every record weighs 1.
+
+The global view (the average of the clients' updates) is evaluated on the global test set by the
+usual ``eval_after``; ``metrics["eval_personal"]`` holds the per-client scores beside it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from florist.aggregation import Adapter
+
+
+def local_test_file(data_path: str | Path, num_clients: int, k: int) -> Path | None:
+    path = Path(data_path) / str(num_clients) / f"local_test_{k}.json"
+    return path if path.is_file() else None
+
+
+def category_weights(train: Sequence[dict], test: Sequence[dict]) -> list[float]:
+    """share of the record's category in ``train`` / number of ``test`` records of that category."""
+    if not all("category" in r for r in test):
+        return [1.0] * len(test)
+    share = Counter(r.get("category") for r in train)
+    count = Counter(r["category"] for r in test)
+    total = sum(share.values()) or 1
+    return [share[r["category"]] / total / count[r["category"]] for r in test]
+
+
+def weighted_loss(scores: dict[str, Any], weights: Sequence[float]) -> float | None:
+    """Token-weighted loss with per-record weights, from ``heldout_loss``'s per-record sums."""
+    recs = scores["records"]
+    num = sum(weights[i] * loss for i, loss in zip(recs["index"], recs["loss_sum"]))
+    den = sum(weights[i] * tokens for i, tokens in zip(recs["index"], recs["tokens"]))
+    return num / den if den > 0 else None
+
+
+def evaluate_personal(
+    adapters: dict[str, Adapter],
+    client_records: Sequence[Sequence[dict]],
+    global_test: Sequence[dict],
+    score: Callable[[Adapter, Sequence[dict]], dict[str, Any]],
+    *,
+    data_path: str | Path,
+    weights: dict[str, float],
+) -> dict[str, Any]:
+    """Score each client's own adapter (``adapters``: client id -> adapter) on its held-out records.
+
+    ``score(adapter, records)`` returns ``heldout_loss``'s dict; ``weights`` are the p_k of the
+    mean over clients.
+    """
+    from florist.data import load_dataset_file
+    from florist.federation import client_id
+
+    clients: dict[str, Any] = {}
+    for k, train in enumerate(client_records):
+        cid = client_id(k)
+        if cid not in adapters:
+            continue
+        own = local_test_file(data_path, len(client_records), k)
+        if own is not None:
+            records, _fmt = load_dataset_file(own)
+            result = score(adapters[cid], records)
+            clients[cid] = {"loss": result["loss"], "n_records": result["n_records"], "source": str(own)}
+        elif global_test:
+            result = score(adapters[cid], global_test)
+            loss = weighted_loss(result, category_weights(train, global_test))
+            clients[cid] = {
+                "loss": loss,
+                "unweighted_loss": result["loss"],
+                "n_records": result["n_records"],
+                "source": "global test reweighted to the client's categories",
+            }
+    scored = {cid: c for cid, c in clients.items() if c["loss"] is not None}
+    total = sum(weights.get(cid, 0.0) for cid in scored)
+    mean = sum(weights.get(cid, 0.0) * c["loss"] for cid, c in scored.items()) / total if total else None
+    return {"clients": clients, "mean_loss": mean}
+
+
+def evaluate_run(
+    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
+    datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
+) -> dict[str, Any]:  # fmt: skip
+    """``evaluate_personal`` at the end of ``florist run``: every client that has trained, with the
+    adapter it would continue from (the last broadcast, its own local factors)."""
+    from florist.evaluation.heldout import heldout_loss
+    from florist.federation import client_id, truncate_adapter, with_local_factors
+
+    adapters = {}
+    for k in range(cfg.num_clients):
+        cid = client_id(k)
+        received = server.continuation(cid)
+        if cid in server.client_state and received is not None:
+            own = truncate_adapter(received, cfg.client_rank(k))
+            adapters[cid] = with_local_factors(own, server.client_state[cid], local_factors)
+
+    def score(adapter: Adapter, records: Sequence[dict]) -> dict[str, Any]:
+        with host.use_adapter(adapter) as model:
+            return heldout_loss(
+                model, tokenizer, list(records), cutoff_len=cfg.cutoff_len, prompter=prompter,
+                max_records=cfg.eval_samples,
+            )  # fmt: skip
+
+    total = sum(len(d) for d in datasets)
+    weights = {client_id(k): len(d) / total for k, d in enumerate(datasets)}
+    return evaluate_personal(adapters, datasets, global_test, score, data_path=cfg.data_path, weights=weights)
