@@ -482,7 +482,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 results[cid].update, dp_norms[cid] = privacy.privatize_upload(
                     results[cid].update,
                     results[cid].start,
-                    aggregator.uploaded_factors,
+                    privacy.travelling_factors(aggregator, rnd),
                     clip_norm=cfg.dp_clip_norm,
                     noise_multiplier=cfg.dp_noise_multiplier,
                     generator=noise,
@@ -504,6 +504,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 clip_norm=cfg.dp_clip_norm,
                 noise_multiplier=cfg.dp_noise_multiplier,
                 generator=noise,
+                factors=privacy.travelling_factors(aggregator, rnd),
             )
         else:
             result = aggregator.aggregate(updates)

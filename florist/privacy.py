@@ -197,15 +197,23 @@ def noise_result(
     per_client = result.per_client or {}
     names = sorted(next(iter(per_client.values())))
     largest = {n: noised(max((a[n] for a in per_client.values()), key=lambda f: f.rank)) for n in names}
-    sliced = {
-        cid: {
-            n: LoraFactors(A=largest[n].A[: a[n].rank], B=largest[n].B[:, : a[n].rank], scaling=a[n].scaling)
-            for n in names
-        }
-        for cid, a in per_client.items()
-    }
+
+    def share(own: LoraFactors, n: str) -> LoraFactors:  # what does not travel stays the client's own
+        # copies, not views: the checkpoint stores every client's adapter as its own tensors
+        A = largest[n].A[: own.rank].clone() if "A" in factors else own.A
+        B = largest[n].B[:, : own.rank].clone() if "B" in factors else own.B
+        return LoraFactors(A=A, B=B, scaling=own.scaling)
+
+    sliced = {cid: {n: share(a[n], n) for n in names} for cid, a in per_client.items()}
     adapter = largest if result.adapter is not None else None
     return dataclasses.replace(result, adapter=adapter, per_client=sliced)
+
+
+def travelling_factors(aggregator: Any, round_index: int) -> tuple[Factor, ...]:
+    """The factors whose change a client uploads in a round: declared uploaded and trained that
+    round (RoLoRA trains one of them; a frozen factor is the public start and needs no noise)."""
+    trained = aggregator.trained_factors(round_index)
+    return tuple(f for f in aggregator.uploaded_factors if f in trained)
 
 
 def uniform_weights(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
@@ -332,11 +340,12 @@ def central_aggregate(
     clip_norm: float,
     noise_multiplier: float,
     generator: torch.Generator,
+    factors: Sequence[Factor] | None = None,
 ) -> tuple[GlobalResult, dict[str, float]]:
-    """Central DP: clip each upload's factor update against its start, average them uniformly
-    with ``aggregator``, noise the average with z·C/m. Returns the result and the norms before
-    clipping (the trusted server's own diagnostics)."""
-    factors = aggregator.uploaded_factors
+    """Central DP: clip each upload's factor update (``factors``, default: all it uploads)
+    against its start, average them uniformly with ``aggregator``, noise the average with z·C/m.
+    Returns the result and the norms before clipping (the trusted server's own diagnostics)."""
+    factors = factors if factors is not None else aggregator.uploaded_factors
     clipped, norms = [], {}
     for u in updates:
         upload, norms[u.client_id] = clip_upload(u, starts[u.client_id], factors, clip_norm)

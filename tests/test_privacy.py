@@ -361,8 +361,11 @@ def test_cli_refuses_central_dp_for_florist_in_one_line(tmp_path, capsys):
 # --- runs on the tiny model ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,mode", [("florist", "local"), ("fedit", "central")])
-def test_run_writes_privacy_section(method, mode, tmp_path, federated_data):
+@pytest.mark.parametrize(
+    "method,mode,heter",
+    [("florist", "local", False), ("fedit", "central", False), ("zeropad", "central", True)],
+)
+def test_run_writes_privacy_section(method, mode, heter, tmp_path, federated_data):
     from conftest import tiny_run_config
 
     from florist.federation import run_federated
@@ -372,6 +375,8 @@ def test_run_writes_privacy_section(method, mode, tmp_path, federated_data):
         federated_data(3),
         tmp_path / "out",
         method=method,
+        heter=heter,
+        local_ranks=[4, 2, 1],
         num_communication_rounds=2,
         client_selection_frac=0.67,
         min_clients=2,
@@ -477,3 +482,122 @@ def test_flower_nodes_clip_and_noise_their_uploads(tmp_path, flower_identity):
         run_flower_server(
             FakeGrid(central, data, [4] * 3), central, FlowerOptions(round_timeout=5, node_wait_timeout=1)
         )
+
+
+# --- SmolLM2 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_florist_run_with_local_dp_on_smollm2(tmp_path, dolly_dir, capsys):
+    """The issue's command on the real SmolLM2 and Dolly split, then z = 2 against z = 0.5."""
+    from florist.adapters import read_peft_adapter
+    from florist.cli import main
+    from florist.federation import run_federated
+    from florist.models import load_model
+
+    small = [
+        "--data_path", str(dolly_dir), "--num_clients", "8", "--client_selection_frac", "0.25",
+        "--max_samples_per_client", "2", "--local_batch_size", "2", "--local_micro_batch_size", "2",
+        "--local_max_steps", "1", "--cutoff_len", "64", "--evaluate", "False", "--device", "cpu",
+    ]  # fmt: skip
+    dp = [
+        "--method",
+        "florist",
+        "--dp_clip_norm",
+        "1.0",
+        "--dp_noise_multiplier",
+        "1.0",
+        "--dp_delta",
+        "1e-5",
+    ]
+    assert main(["run", *dp, *small, "--output_dir", str(tmp_path / "z1")]) == 0
+    p = json.loads((tmp_path / "z1" / "metrics.json").read_text())["privacy"]
+    assert p["mode"] == "local" and math.isfinite(p["epsilon"]) and p["epsilon"] > 0
+    assert p["epsilon"] == privacy.epsilon(1.0, 1, 1e-5)
+    assert f"epsilon {p['epsilon']:.3g}" in capsys.readouterr().out
+    adapter, _ = read_peft_adapter(tmp_path / "z1" / "adapter")
+    assert all(bool(torch.isfinite(f.delta()).all()) for f in adapter.values())
+
+    eps = {}
+    for z in (2.0, 0.5):
+        model, tokenizer = load_model("smollm2-135m", device="cpu")  # florist merges into the base
+        cfg = RunConfig(
+            global_model="smollm2-135m",
+            data_path=str(dolly_dir),
+            output_dir=str(tmp_path / f"z{z}"),
+            method="florist",
+            num_clients=8,
+            client_selection_frac=0.25,
+            max_samples_per_client=2,
+            local_batch_size=2,
+            local_micro_batch_size=2,
+            local_max_steps=1,
+            cutoff_len=64,
+            evaluate=False,
+            device="cpu",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=z,
+        )
+        eps[z] = run_federated(cfg, model=model, tokenizer=tokenizer)["privacy"]["epsilon"]
+    assert 0 < eps[2.0] < p["epsilon"] < eps[0.5] < math.inf
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+def test_sweep_under_dp_runs_each_configuration_and_reports_epsilon(tmp_path, federated_data):
+    from conftest import tiny_run_config
+
+    from florist.models import tiny_llama
+    from florist.sweep import run_sweep
+
+    data = federated_data(3)
+    cfg = tiny_run_config(data, tmp_path / "sweep", dp_clip_norm=0.5, dp_noise_multiplier=2.0)
+    sweep = run_sweep(
+        cfg,
+        methods="fedit,florist",
+        thresholds=[0.9],
+        heter=(False,),
+        model_factory=lambda: tiny_llama(seed=0),
+        progress=False,
+    )
+    assert sweep["mode"] == "separate-runs" and "every run draws its own noise" in sweep["note"]
+    rows = sweep["settings"][0]["rows"]
+    assert [r["method"] for r in rows] == ["fedit", "florist"]
+    for r in rows:
+        p = json.loads((tmp_path / "sweep" / r["run_dir"] / "metrics.json").read_text())["privacy"]
+        assert r["epsilon"] == p["epsilon"] == privacy.epsilon(2.0, 1, cfg.dp_delta)
+    central = tiny_run_config(
+        data, tmp_path / "c", dp_clip_norm=0.5, dp_noise_multiplier=2.0, dp_mode="central"
+    )
+    with pytest.raises(ConfigError, match="--dp_mode central is not valid for florist"):
+        run_sweep(central, methods="fedit,florist", thresholds=[0.9], heter=(False,), model_factory=None)
+
+
+def test_travelling_factors_follow_the_declarations():
+    assert privacy.travelling_factors(AGGREGATORS["fedit"], 1) == ("A", "B")
+    assert privacy.travelling_factors(AGGREGATORS["ffa"], 3) == ("B",)
+    if "fedsa" in AGGREGATORS:  # B_k stays on the client
+        assert privacy.travelling_factors(AGGREGATORS["fedsa"], 2) == ("A",)
+    if "rolora" in AGGREGATORS:  # one factor trains per round, the other is the public start
+        one, two = (privacy.travelling_factors(AGGREGATORS["rolora"], r) for r in (1, 2))
+        assert len(one) == len(two) == 1 and one != two
+
+
+def test_central_noise_leaves_what_does_not_travel_per_client():
+    from florist.aggregation import GlobalResult
+
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(4, 32, dtype=torch.float64, generator=g)
+    per_client = {
+        f"client_{k}": {
+            "m": LoraFactors(A=A, B=torch.randn(8, 4, dtype=torch.float64, generator=g), scaling=2.0)
+        }
+        for k in range(3)
+    }
+    result = GlobalResult("x", merge=False, ranks={"m": 4}, per_client=per_client)
+    noised = privacy.noise_result(result, ("A",), 0.1, g)
+    As = [a["m"].A for a in noised.per_client.values()]
+    assert all(torch.equal(x, As[0]) for x in As) and not torch.equal(As[0], A)
+    for cid, a in noised.per_client.items():  # each client's own B, untouched
+        assert torch.equal(a["m"].B, per_client[cid]["m"].B)

@@ -263,10 +263,11 @@ def train(message: Message, context: Context) -> Message:
     )
     upload = result.update
     if local_dp:  # clipped and noised here, before anything leaves this node (florist.privacy)
+        trained = AGGREGATORS[cfg.method].trained_factors(rnd)
         upload, _norm = privacy.privatize_upload(
             upload,
             result.start,
-            tuple(config["upload-factors"]),
+            tuple(f for f in config["upload-factors"] if f in trained),
             clip_norm=cfg.dp_clip_norm,
             noise_multiplier=cfg.dp_noise_multiplier,
             generator=privacy.noise_generator(),
