@@ -429,6 +429,15 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
                 f"{1e4 * float(r.get('eff', 0)):.2f} | {human_bytes(down)} | {human_bytes(up)} |"
             )
         md.append("")
+    dp = metrics.get("privacy")
+    if dp:
+        per_round = ", ".join(f"{e:.3g}" for e in dp.get("epsilon_per_round") or [])
+        md += [
+            f"Differential privacy ({dp['mode']}, florist.privacy): ε = {dp['epsilon']:.3g} at "
+            f"δ = {dp['delta']:g} for the run (after each round: {per_round}); clip norm C = "
+            f"{dp['clip_norm']:g}, noise multiplier z = {dp['noise_multiplier']:g}.",
+            "",
+        ]
     if before or after:
         md += ["| model | score |", "|---|---|"]
         if before:

@@ -398,8 +398,10 @@ def test_run_writes_privacy_section(method, mode, heter, tmp_path, federated_dat
     for r in metrics["rounds"]:
         assert 0 <= r["privacy"]["clipped"] <= len(r["clients"])
     from florist.cli.run import format_summary
+    from florist.report import write_report
 
     assert f"epsilon {p['epsilon']:.3g}" in format_summary(metrics)
+    assert f"ε = {p['epsilon']:.3g} at δ = 1e-06" in write_report(tmp_path / "out").read_text()
 
 
 # --- main.py and Flower ------------------------------------------------------------------------
