@@ -14,6 +14,7 @@ from test_aggregation import (
     dense_delta,
     make_updates,
 )
+from test_flower_strategy import task_identity  # noqa: F401  (autouse: Flower messages need it)
 
 from florist.aggregation import AGGREGATORS, ClientUpdate, LoraFactors, get_aggregator
 from florist.comm import round_communication
@@ -582,3 +583,68 @@ def test_fedsa_reports_personalised_and_global_evaluation(tmp_path, federated_da
     sizes = [6, 7, 8]  # write_federated_data: per_client + k records
     mean = sum(n * losses[k] for k, n in enumerate(sizes)) / sum(sizes)
     assert personal["mean_loss"] == pytest.approx(mean, rel=1e-6)
+
+
+# --- Flower: the same rounds, one factor on the wire ----------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fedsa", "rolora", "fedex"])
+def test_flower_equals_the_in_process_run(tmp_path, method):
+    """The ServerApp and ClientApp (on test_flower_strategy's in-process grid) give the in-process
+    run's adapters, and the bytes that crossed the wire equal florist's accounting: FedSA and
+    RoLoRA one factor each way, FedEx its residual too. FedSA's nodes write their own (Ā, B_k)."""
+    from test_flower_strategy import FakeGrid, assert_same_adapter, tiny_config, write_tiny_data
+
+    from florist.federation import run_federated
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+    from florist.models import tiny_llama
+
+    data = write_tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "inproc", method, heter=False, rounds=2)
+    model, tokenizer = tiny_llama(seed=0)
+    expected = run_federated(cfg, model=model, tokenizer=tokenizer)
+
+    fcfg = tiny_config(data, tmp_path / "flower", method, heter=False, rounds=2)
+    grid = FakeGrid(fcfg, data, [4, 4, 4])
+    for k, context in enumerate(grid.contexts.values()):
+        context.node_config["output-dir"] = str(tmp_path / f"node{k}")
+    metrics = run_flower_server(grid, fcfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    assert metrics["flower"]["failures"] == []
+    for ours, theirs in zip(metrics["rounds"], expected["rounds"], strict=True):
+        assert ours["communication"]["total"] == theirs["communication"]["total"]
+        wire, comm = ours["wire"]["total"], ours["communication"]["total"]
+        assert wire == {k: comm[k] for k in wire}
+    if method == "fedsa":  # the server never sees B_k: each node's own adapter is the result
+        for k in range(3):
+            assert_same_adapter(
+                tmp_path / "inproc" / "adapter" / "clients" / f"client_{k}", tmp_path / f"node{k}"
+            )
+    else:
+        assert_same_adapter(tmp_path / "inproc" / "adapter", tmp_path / "flower" / "adapter")
+        assert_same_adapter(tmp_path / "inproc" / "adapter", tmp_path / "node1")
+
+
+def test_flower_fedsa_node_that_lost_its_B_is_refused(tmp_path):
+    """FedSA without its per-client state: a node whose SuperNode state was lost cannot continue."""
+    from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
+
+    from florist.flower import protocol
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+    from florist.flower.strategy import FlowerRunError
+
+    data = write_tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "flower", "fedsa", heter=False, rounds=2, min_clients=3)
+    grid = FakeGrid(cfg, data, [4, 4, 4])
+    deliver = grid.send_and_receive
+
+    def forgetful(messages, *, timeout=None):
+        for m in messages:  # node 1001 loses its state before round 2
+            if m.content.config_records["config"].get("round") == 2 and m.metadata.dst_node_id == 1001:
+                del grid.contexts[1001].state[protocol.STATE_OWN_ROUND]
+        return deliver(messages, timeout=timeout)
+
+    grid.send_and_receive = forgetful
+    with pytest.raises(FlowerRunError, match=r"client_1.*fedsa keeps this client's own B on the node"):
+        run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))

@@ -135,6 +135,13 @@ class Aggregator(ABC):
         return ("B",) if cls.frozen_A else ("A", "B")
 
     @classmethod
+    def sent_factors(cls, round_index: int) -> tuple[Factor, ...]:
+        """The factors a client uploads in round ``round_index``: declared uploaded and trained then
+        (RoLoRA's frozen factor is the shared start, which the server already knows)."""
+        trained = cls.trained_factors(round_index)
+        return tuple(f for f in cls.uploaded_factors if f in trained)
+
+    @classmethod
     def training_kind(cls) -> tuple[object, ...]:
         """What a client's round-1 training depends on besides its init: the sweep trains the
         clients once per distinct value (with the same inits)."""

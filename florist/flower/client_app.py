@@ -130,6 +130,47 @@ def _merged_adapter(state: RecordDict, r: int, shapes: dict[str, tuple[int, int]
     )
 
 
+def _held(
+    state: RecordDict, config: ConfigRecord, method: Any, shapes: dict[str, tuple[int, int]], client: str
+) -> Any:
+    """This node's own last trained adapter, or None before its first round.
+
+    A method with local factors (FedSA-LoRA) cannot continue without it: if the server says this
+    client trained in round r but the node holds nothing from round r, its state was lost.
+    """
+    expected = int(config.get("own-round", 0))
+    have = int(state[protocol.STATE_OWN_ROUND]["round"]) if protocol.STATE_OWN_ROUND in state else 0
+    if method.local_factors and expected and have != expected:
+        raise RuntimeError(
+            f"{client}: {method.name} keeps this client's own {'/'.join(method.local_factors)} on the node, "
+            f"from its round {expected}, but the node holds {'round ' + str(have) if have else 'none'}; "
+            "its SuperNode state was lost and the run cannot continue exactly"
+        )
+    if not have:
+        return None
+    return record_to_adapter(
+        state[protocol.STATE_OWN],
+        state[protocol.STATE_OWN_SCALING],
+        expected_shapes=shapes,
+        sender="this node's own state",
+    )
+
+
+def _zeros(shapes: dict[str, tuple[int, int]], rank: int) -> Any:
+    import torch
+
+    from florist.aggregation import LoraFactors
+
+    return {n: LoraFactors(A=torch.zeros(rank, i), B=torch.zeros(o, rank)) for n, (o, i) in shapes.items()}
+
+
+def _zero_local(adapter: Any, local: tuple[str, ...]) -> Any:
+    """Local factors start at zero before a node has trained (a fresh B is zero)."""
+    from florist.federation import with_local_factors
+
+    return adapter if not local else with_local_factors(adapter, None, local)
+
+
 def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
     """``tiny-llama[:seed]`` builds florist's tiny test model; anything else goes to load_model."""
     from florist.models import load_model, resolve_device, tiny_llama
@@ -192,7 +233,7 @@ def train(message: Message, context: Context) -> Message:
 
     from florist import privacy
     from florist.aggregation import AGGREGATORS
-    from florist.federation import pad_adapter, truncate_adapter
+    from florist.federation import frozen_factors, pad_adapter, truncate_adapter
     from florist.lora import LoraHost
     from florist.models import resolve_device
     from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A, init_generator
@@ -226,7 +267,10 @@ def train(message: Message, context: Context) -> Message:
                 f"{node.client_id}: lora-rank {node.rank} exceeds the run's FFA rank {config['ffa-rank']}"
             )
 
-    init = None
+    method = AGGREGATORS[cfg.method]
+    held = _held(context.state, config, method, shapes, node.client_id)
+    start = method.initial_adapter(shapes, node.rank, cfg.seed)  # RoLoRA's shared round-1 start
+    init = truncate_adapter(start, node.rank) if start is not None and held is None else None
     if protocol.INIT in message.content.array_records:
         init = record_to_adapter(
             message.content[protocol.INIT],
@@ -235,6 +279,7 @@ def train(message: Message, context: Context) -> Message:
             frozen_A=frozen_A,
             expected_shapes=shapes,
             sender="the server's broadcast",
+            fill=held or _zero_local(start or _zeros(shapes, node.rank), method.local_factors),
         )
         # As in florist.federation: grow a too-small adapter with this round's fresh init, then cut.
         if min(f.rank for f in init.values()) < node.rank:
@@ -260,7 +305,14 @@ def train(message: Message, context: Context) -> Message:
         frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
         shared_init_rank=shared_init_rank,
         keep_start=local_dp,
+        freeze=frozen_factors(method, rnd),
     )
+    # What this node keeps for the next round: the factors that will not travel back to it
+    # (FedSA-LoRA's own B, RoLoRA's frozen factor), as trained here, before any DP noise.
+    own, own_scalings = adapter_to_record(result.update.modules, wire_dtype="float32")
+    context.state[protocol.STATE_OWN] = own
+    context.state[protocol.STATE_OWN_SCALING] = own_scalings
+    context.state[protocol.STATE_OWN_ROUND] = ConfigRecord({"round": rnd})
     upload = result.update
     if local_dp:  # clipped and noised here, before anything leaves this node (florist.privacy)
         trained = AGGREGATORS[cfg.method].trained_factors(rnd)
@@ -315,15 +367,16 @@ def finalize(message: Message, context: Context) -> Message:
     have = _absorb_merged(message, context.state, int(config["merged-rounds"]))
     if node.output_dir:
         from florist.adapters import write_peft_adapter
+        from florist.aggregation import AGGREGATORS
         from florist.federation import stack_adapters
         from florist.training import ffa_frozen_A
 
         shapes = {n: (int(v[0]), int(v[1])) for n, v in context.state[protocol.STATE_SHAPES].items()}
-        if have:
-            final = stack_adapters([_merged_adapter(context.state, r, shapes) for r in have])
-        else:
+        method = AGGREGATORS[cfg.method]
+        final = None
+        if protocol.INIT in message.content.array_records:  # what the node would continue from
             factors = tuple(config["init-factors"])
-            frozen = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"])) if factors == ("B",) else None
+            frozen = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"])) if method.frozen_A else None
             final = record_to_adapter(
                 message.content[protocol.INIT],
                 message.content[protocol.INIT_SCALING],
@@ -331,7 +384,11 @@ def finalize(message: Message, context: Context) -> Message:
                 frozen_A=frozen,
                 expected_shapes=shapes,
                 sender="the server's final broadcast",
+                fill=_held(context.state, config, method, shapes, node.client_id),
             )
+        if have:  # every update folded into the base, then the continued adapter (FedEx-LoRA)
+            merged = [_merged_adapter(context.state, r, shapes) for r in have]
+            final = stack_adapters(merged + ([final] if final is not None else []))
         write_peft_adapter(
             Path(node.output_dir),
             final,

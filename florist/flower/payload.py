@@ -3,7 +3,8 @@
 One adapter travels as one ArrayRecord whose keys are ``<module>/A`` and ``<module>/B`` in sorted
 module order (so both ends agree on the order and nothing depends on dict insertion), and one
 ConfigRecord mapping each module to its LoRA scaling. Only the factors a method actually sends
-are included (FFA sends B alone; A comes from the shared seed). Tensors go over the wire as
+are included (FFA sends B alone, A comes from the shared seed; FedSA-LoRA and RoLoRA send one
+factor, the other is what the receiver already holds). Tensors go over the wire as
 float32 by default, the dtype ``florist.comm`` counts.
 
 Everything that arrives from another machine is untrusted: ``record_to_adapter`` accepts only
@@ -101,6 +102,22 @@ def _decode(array: Array, where: str) -> torch.Tensor:
     return tensor
 
 
+def _filled(
+    fill: Adapter | None, name: str, factor: str, rank: int, scaling: float, where: str
+) -> torch.Tensor:
+    """The receiver's own ``factor`` of ``name`` at ``rank``; B rescaled to ``scaling``."""
+    held = (fill or {}).get(name)
+    if held is None or held.rank < rank:
+        raise PayloadError(
+            f"{where}: no {factor} of rank {rank} held here for the factor that did not travel"
+        )
+    if factor == "A":
+        return held.A[:rank].to(torch.float32).clone()
+    ratio = float(held.scaling) / scaling
+    src = held.B[:, :rank]
+    return (src if ratio == 1.0 else src.to(torch.float64) * ratio).to(torch.float32).clone()
+
+
 def record_to_adapter(
     arrays: ArrayRecord,
     scalings: Mapping[str, object],
@@ -109,17 +126,21 @@ def record_to_adapter(
     frozen_A: Mapping[str, torch.Tensor] | None = None,
     expected_shapes: Mapping[str, tuple[int, int]] | None = None,
     sender: str = "message",
+    fill: Adapter | None = None,
 ) -> Adapter:
     """Rebuild an ``Adapter`` from a received record, validating everything.
 
     With ``factors == ("B",)`` (FFA) each module's A is taken from ``frozen_A`` (its first r rows,
-    r being the rank of the received B). ``expected_shapes`` maps module -> (out, in).
+    r being the rank of the received B). Otherwise a factor that did not travel comes from
+    ``fill``, what the receiver already holds (FedSA-LoRA's own B, RoLoRA's shared frozen factor),
+    at the received rank, with B rescaled to the received scaling as ``LoraHost.install`` does.
+    ``expected_shapes`` maps module -> (out, in).
     """
     factors = tuple(factors)
-    if factors not in (("A", "B"), ("B",)):
-        raise ValueError(f"factors must be ('A', 'B') or ('B',), got {factors}")
-    if factors == ("B",) and frozen_A is None:
-        raise ValueError("an adapter sent as B only needs the shared frozen A")
+    if factors not in (("A", "B"), ("B",), ("A",)):
+        raise ValueError(f"factors must be ('A', 'B'), ('A',) or ('B',), got {factors}")
+    if factors != ("A", "B") and frozen_A is None and fill is None:
+        raise ValueError(f"an adapter sent as {factors[0]} only needs the other factor (frozen A or fill)")
     modules = sorted(scalings)
     expected_keys = {f"{m}/{f}" for m in modules for f in factors}
     if set(arrays) != expected_keys:
@@ -145,14 +166,19 @@ def record_to_adapter(
             or scaling <= 0
         ):
             raise PayloadError(f"{where}: scaling must be a positive finite number, got {scaling!r}")
-        B = _decode(arrays[f"{name}/B"], f"{where}, factor B")
+        B = _decode(arrays[f"{name}/B"], f"{where}, factor B") if "B" in factors else None
         if "A" in factors:
             A = _decode(arrays[f"{name}/A"], f"{where}, factor A")
-        else:
-            assert frozen_A is not None
+        elif frozen_A is not None:
+            assert B is not None
             if name not in frozen_A or frozen_A[name].shape[0] < B.shape[1]:
                 raise PayloadError(f"{where}: no frozen A of rank {B.shape[1]} for this module")
             A = frozen_A[name][: B.shape[1]].to(torch.float32).clone()
+        else:
+            assert B is not None
+            A = _filled(fill, name, "A", B.shape[1], float(scaling), where)
+        if B is None:
+            B = _filled(fill, name, "B", A.shape[0], float(scaling), where)
         if A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise PayloadError(f"{where}: rank mismatch, A is {tuple(A.shape)} but B is {tuple(B.shape)}")
         if expected_shapes is not None:

@@ -39,6 +39,10 @@ STATE_MERGED = "florist.merged"
 STATE_MERGED_SCALING = "florist.merged-scaling"
 STATE_FFA = "florist.ffa-frozen-A"
 STATE_SHAPES = "florist.shapes"
+# The node's own last trained adapter and its round (the factors that do not travel back to it).
+STATE_OWN = "florist.own"
+STATE_OWN_SCALING = "florist.own-scaling"
+STATE_OWN_ROUND = "florist.own-round"
 
 
 def merged_key(round_number: int) -> str:

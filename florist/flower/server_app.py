@@ -162,7 +162,7 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         host, evaluate = evaluation
         for adapter in strategy.server.merged[len(resumed.merged) if resumed else 0 :]:
             host.merge_into_base(adapter)  # evaluation model: base + every merged round
-        metrics["eval_after"] = evaluate(None if strategy.server.merged else final)
+        metrics["eval_after"] = evaluate(strategy.server.active_adapter())
     else:
         metrics["eval_after"] = {}
     metrics.update(run_totals(metrics["rounds"], final))

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from florist import privacy
-from florist.aggregation import Adapter, ClientUpdate, GlobalResult, get_aggregator
+from florist.aggregation import Adapter, ClientUpdate, GlobalResult, LoraFactors, get_aggregator
 from florist.config import RunConfig
 from florist.errors import FloristError
 from florist.flower import protocol
@@ -161,7 +161,7 @@ class FloristStrategy(FedAvg):
                 records[protocol.merged_key(r)] = arrays
                 records[protocol.merged_scaling_key(r)] = scalings
                 carried.append((r, arrays))
-        else:
+        if not self.aggregator.merges_into_base:  # FedEx-LoRA: a folded update and a continuation
             init = self.server.continuation(node.client_id)
             if init is not None:
                 factors = self.last_result.downloaded_factors if self.last_result else ("A", "B")
@@ -199,11 +199,13 @@ class FloristStrategy(FedAvg):
         connected = set(grid.get_node_ids())
         selected = set(sample_clients(self.cfg, rnd))
         nodes = [n for n in self.sorted_nodes() if n.partition_id in selected and n.node_id in connected]
-        upload = list(self.aggregator.uploaded_factors)
+        upload = list(self.aggregator.sent_factors(rnd))
         messages = []
         self._sent = {}
         for node in nodes:
-            node_config = ConfigRecord({"round": rnd, "upload-factors": upload})
+            node_config = ConfigRecord(
+                {"round": rnd, "upload-factors": upload, "own-round": self._last_trained(node.client_id)}
+            )
             records = self._broadcast_records(node, rnd, node_config)
             content = RecordDict({protocol.CONFIG: node_config, **records})
             message = Message(
@@ -216,6 +218,28 @@ class FloristStrategy(FedAvg):
         log(INFO, "florist: round %d: training %s", rnd, [n.client_id for n in nodes])
         self._round_started = time.perf_counter()
         return messages
+
+    def _last_trained(self, client: str) -> int:
+        """The last round in which ``client``'s update was aggregated (0: never)."""
+        return max((r["round"] for r in self.metrics["rounds"] if client in r["clients"]), default=0)
+
+    def _held(self, node: NodeInfo) -> Adapter:
+        """The factors a node did not send, as the server knows them: what it started the round
+        from (RoLoRA's shared frozen factor); local factors (FedSA-LoRA's B) never reach the server,
+        so they are zeros here and the global view cannot be formed on Flower."""
+        from florist.federation import truncate_adapter, with_local_factors
+
+        assert self.module_shapes is not None
+        start = self.server.continuation(node.client_id)
+        if start is None:
+            start = self.aggregator.initial_adapter(self.module_shapes, node.rank, self.cfg.seed)
+        if start is None:
+            start = {
+                n: LoraFactors(A=torch.zeros(node.rank, i), B=torch.zeros(o, node.rank))
+                for n, (o, i) in self.module_shapes.items()
+            }
+        start = truncate_adapter(start, min(node.rank, min(f.rank for f in start.values())))
+        return with_local_factors(start, None, self.aggregator.local_factors)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -286,8 +310,8 @@ class FloristStrategy(FedAvg):
             self.module_shapes = shapes
         elif shapes != self.module_shapes:
             raise PayloadError(f"{sender}: its model's module shapes differ from the other nodes'")
-        factors = tuple(self.aggregator.uploaded_factors)
-        if factors == ("B",) and self.frozen_A is None:
+        factors = self.aggregator.sent_factors(rnd)
+        if self.aggregator.frozen_A and self.frozen_A is None:
             from florist.training import ffa_frozen_A
 
             self.frozen_A = ffa_frozen_A(self.cfg.seed, self.module_shapes, self.ffa_rank())
@@ -295,9 +319,10 @@ class FloristStrategy(FedAvg):
             content[protocol.UPDATE],
             content[protocol.UPDATE_SCALING],
             factors=factors,
-            frozen_A=self.frozen_A,
+            frozen_A=self.frozen_A if self.aggregator.frozen_A else None,
             expected_shapes=self.module_shapes,
             sender=sender,
+            fill=self._held(node) if factors != ("A", "B") else None,
         )
         node.merged_rounds = int(stats["merged-rounds"])
         return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules=modules)
