@@ -156,12 +156,13 @@ def records_of(evaluation: dict[str, Any] | None) -> tuple[list[float], list[int
 def row_stats(row: dict[str, Any], floras: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
     """Intervals of a row; FLoRA is the one trained on the same uploads, else the default-init one
     (a FFA row, say, whose frozen-A training no FLoRA shares), and the row names which it used."""
-    from florist.aggregation import get_aggregator
+    from florist.aggregation import AGGREGATORS
 
     flora = floras.get(row["client_init"]) or floras.get("per_client") or next(iter(floras.values()), None)
     out = heldout_comparison(row["eval"], {"base": base, "flora": flora["eval"] if flora else None})
     if flora is not None:
-        same = flora["client_init"] == row["client_init"] and not get_aggregator(row["method"]).frozen_A
+        kind = AGGREGATORS[row["method"]].training_kind()  # FFA and RoLoRA train apart from FLoRA
+        same = flora["client_init"] == row["client_init"] and kind == AGGREGATORS["flora"].training_kind()
         out["flora_reference"] = "same uploads" if same else f"FLoRA, {flora['client_init']} init"
     return out
 
@@ -336,11 +337,10 @@ def paired(main: dict[str, Any], name: str, a: dict, b: dict) -> tuple[float, li
     return a["heldout_loss"] - b["heldout_loss"], list(paired_bootstrap_ci(la, lb, tokens))
 
 
-DEFAULT_INIT = {"fedit": "shared", "ffa": "shared"}
-
-
 def default_init(method: str) -> str:
-    return DEFAULT_INIT.get(method, "per_client")
+    from florist.aggregation import AGGREGATORS
+
+    return AGGREGATORS[method].client_init  # the authors' code (docs/methods.md)
 
 
 def beyond_seeds(d: float, noise: float | None) -> str:
@@ -375,7 +375,8 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             f"{fmt_ci(best['delta_vs_base_ci95'])}; {verdict}."
         )
         flora = find(s, "flora", "per_client")
-        for method in [m for m in ("fedit", "zeropad", "flexlora", "ffa") if find(s, m)]:
+        others = ("fedit", "zeropad", "flexlora", "ffa", "fedex", "fedsa", "rolora", "hetlora", "lorafair")
+        for method in [m for m in others if find(s, m)]:
             row = find(s, method, default_init(method))
             label = f"{METHOD_LABELS[method]} ({default_init(method).replace('_', '-')} init, its default)"
             if row.get("delta_vs_flora_ci95") is not None and row["client_init"] == "per_client":
@@ -774,7 +775,8 @@ def main() -> None:
         for sub, heter, inits in (("homogeneous", False, "both"), ("heterogeneous", True, "auto")):
             t = time.perf_counter()
             cfg = base_config(data_dir, heldout, out / f"seed{seed}" / sub, budget, seed=seed)
-            sweep(cfg, thresholds=budget["thresholds"], client_init=inits, heter=(heter,), save_adapters=True)
+            sweep(cfg, methods="all", thresholds=budget["thresholds"], client_init=inits, heter=(heter,),
+                  save_adapters=True)  # fmt: skip
             phases[f"{sub} ({'both inits' if inits == 'both' else 'default inits'})"] = (
                 time.perf_counter() - t
             )
