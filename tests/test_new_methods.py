@@ -648,3 +648,27 @@ def test_flower_fedsa_node_that_lost_its_B_is_refused(tmp_path):
     grid.send_and_receive = forgetful
     with pytest.raises(FlowerRunError, match=r"client_1.*fedsa keeps this client's own B on the node"):
         run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+
+
+@pytest.mark.parametrize("method", ["rolora", "fedex"])
+def test_resume_continues_the_alternation_and_the_folded_residuals(tmp_path, federated_data, method):
+    """Two rounds, then a resumed third: bit-identical to three rounds at once (RoLoRA's third round
+    trains A again; FedEx replays the folded residuals into the base)."""
+    import dataclasses
+
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+
+    data = federated_data(3)
+    cfg, whole = tiny_run(data, tmp_path / "whole", method, 3)
+    part = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"), num_communication_rounds=2)
+    run_federated(part, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
+    model, tokenizer = tiny_llama(seed=0)
+    resumed = run_federated(
+        dataclasses.replace(part, num_communication_rounds=3, resume=True), model=model, tokenizer=tokenizer
+    )
+    weights_file = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "whole" / weights_file).read_bytes() == (tmp_path / "part" / weights_file).read_bytes()
+    assert [r["communication"]["total"] for r in resumed["rounds"]] == [
+        r["communication"]["total"] for r in whole["rounds"]
+    ]
