@@ -672,3 +672,41 @@ def test_resume_continues_the_alternation_and_the_folded_residuals(tmp_path, fed
     assert [r["communication"]["total"] for r in resumed["rounds"]] == [
         r["communication"]["total"] for r in whole["rounds"]
     ]
+
+
+def test_cli_method_options(homogeneous_dirs, tmp_path, capsys):
+    """--regularization reaches LoRA-FAIR and --data-weights HetLoRA; elsewhere they are refused."""
+    import json
+
+    from florist.cli import main
+
+    dirs, _clients, _counts = homogeneous_dirs
+    common = ["--num-examples", "30,20,10", *map(str, dirs)]
+    assert (
+        main(
+            [
+                "aggregate",
+                "--method",
+                "lorafair",
+                "--regularization",
+                "0.5",
+                "--out",
+                str(tmp_path / "f"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["options"]["regularization"] == 0.5
+    assert (
+        main(["aggregate", "--method", "hetlora", "--data-weights", "--out", str(tmp_path / "h"), *common])
+        == 0
+    )
+    assert json.loads((tmp_path / "h" / "summary.json").read_text())["options"]["data_weights"] is True
+    capsys.readouterr()
+    assert (
+        main(["aggregate", "--method", "fedit", "--data-weights", "--out", str(tmp_path / "x"), *common]) == 2
+    )
+    assert (
+        capsys.readouterr().err.strip() == "florist: error: --data-weights does not apply to --method fedit"
+    )

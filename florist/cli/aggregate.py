@@ -64,6 +64,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decomposition", default=None, choices=("qr", "svd", "dense"), help="SVD route (FLoRIST)"
     )
+    p.add_argument(
+        "--regularization",
+        type=float,
+        default=None,
+        help="LoRA-FAIR's λ (default 0.01, relative to tr(ĀĀᵀ)/r)",
+    )
+    p.add_argument(
+        "--data-weights",
+        action="store_const",
+        const=True,
+        default=None,
+        help="HetLoRA: weight S_k by the data weights p_k too (not in the paper)",
+    )
     p.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES, help="dtype for byte counts")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted adapter file")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path for the output config")
@@ -120,13 +133,18 @@ def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
         if not (0.0 < tau <= 1.0):
             raise AdapterError(f"--threshold (tau) must be in (0, 1], got {tau}")
         options["threshold"] = tau
-    if args.decomposition is not None:
+    given = {k: getattr(args, k) for k in ("decomposition", "regularization", "data_weights")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
         from florist.aggregation import AGGREGATORS
 
         accepted = inspect.signature(AGGREGATORS[args.method].__init__).parameters
-        if "decomposition" not in accepted:
-            raise AdapterError(f"--decomposition does not apply to --method {args.method}")
-        options["decomposition"] = args.decomposition
+        for key, value in given.items():
+            if key not in accepted:
+                raise AdapterError(f"--{key.replace('_', '-')} does not apply to --method {args.method}")
+            options[key] = value
+        if given.get("regularization", 0.0) < 0:
+            raise AdapterError(f"--regularization (lambda) must be >= 0, got {given['regularization']}")
     return options
 
 
