@@ -23,7 +23,20 @@ import torch
 
 from florist.aggregation.base import ClientUpdate, GlobalResult
 
-METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+METHODS = (
+    "fedit",
+    "zeropad",
+    "flora",
+    "flexlora",
+    "ffa",
+    "florist",
+    "fedex",
+    "fedsa",
+    "rolora",
+    "hetlora",
+    "lorafair",
+)
+HOMOGENEOUS_ONLY = ("fedit", "fedex", "rolora", "lorafair")
 
 
 def _itemsize(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> int:
@@ -93,27 +106,31 @@ def shape_communication(
     *,
     florist_rank: int | Sequence[int] | None = None,
     wire_dtype: torch.dtype = torch.float32,
+    round_index: int = 1,
 ) -> dict:
     """One round's communication from shapes alone: ``module_shapes`` is (out, in) per module.
 
     ``client_ranks`` are the clients' LoRA ranks (one per client). FLoRIST's broadcast rank p
     depends on the weights, so it is given as ``florist_rank`` (one int, or one per module).
-    The per-method rules mirror the aggregators: the tests check both agree.
+    ``round_index`` picks RoLoRA's factor (A in odd rounds, B in even). The per-method rules
+    mirror the aggregators: the tests check both agree.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     ranks = [int(r) for r in client_ranks]
     if not ranks or min(ranks) <= 0:
         raise ValueError(f"client_ranks must be non-empty and positive, got {list(client_ranks)}")
-    if method == "fedit" and len(set(ranks)) > 1:
-        raise ValueError(f"fedit needs homogeneous ranks, got {ranks}")
+    if method in HOMOGENEOUS_ONLY and len(set(ranks)) > 1:
+        raise ValueError(f"{method} needs homogeneous ranks, got {ranks}")
     if method == "florist":
         if florist_rank is None:
             raise ValueError("florist's broadcast rank depends on the weights: pass florist_rank")
         p = [int(florist_rank)] * len(module_shapes) if isinstance(florist_rank, int) else list(florist_rank)
         if len(p) != len(module_shapes):
             raise ValueError(f"florist_rank has {len(p)} entries for {len(module_shapes)} modules")
-    factor_share = 0.5 if method == "ffa" else 1.0  # FFA moves B only
+    # The factors that travel: FFA B only, FedSA A only, RoLoRA the one it trains this round.
+    factors = {"ffa": "B", "fedsa": "A", "rolora": "A" if round_index % 2 else "B"}.get(method, "AB")
+    factor_share = len(factors) / 2
     itemsize = wire_dtype.itemsize
     clients = [_counter() for _ in ranks]
     rank_sum = 0
@@ -122,13 +139,15 @@ def shape_communication(
             broadcast = sum(ranks)  # the whole stack
         elif method == "florist":
             broadcast = p[i]
+        elif method == "fedex":  # (B̄, Ā) and the residual, rank (K + 1) r with both factors
+            broadcast = (len(ranks) + 2) * ranks[0]
         else:
             broadcast = max(ranks)  # FedIT's r, or r_max for the per-client methods
         rank_sum += broadcast
         for k, r_k in enumerate(ranks):
-            per_rank = m if method == "ffa" else m + n
-            # zero-padding, FlexLoRA and FFA send client k its first r_k directions only
-            down = r_k if method in ("zeropad", "flexlora", "ffa") else broadcast
+            per_rank = (m if "B" in factors else 0) + (n if "A" in factors else 0)
+            # zero-padding, FlexLoRA, FFA, HetLoRA and FedSA send client k its first r_k directions
+            down = r_k if method in ("zeropad", "flexlora", "ffa", "hetlora", "fedsa") else broadcast
             clients[k]["params_up"] += r_k * per_rank
             clients[k]["params_down"] += down * per_rank
     for c in clients:

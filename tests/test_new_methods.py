@@ -710,3 +710,30 @@ def test_cli_method_options(homogeneous_dirs, tmp_path, capsys):
     assert (
         capsys.readouterr().err.strip() == "florist: error: --data-weights does not apply to --method fedit"
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "ranks", "frozen"),
+    [
+        ("fedex", HOMO_RANKS, None),
+        ("fedsa", HOMO_RANKS, None),
+        ("fedsa", HETER_RANKS, None),
+        ("rolora", HOMO_RANKS, "B"),
+        ("rolora", HOMO_RANKS, "A"),
+        ("hetlora", HETER_RANKS, None),
+        ("lorafair", HOMO_RANKS, None),
+    ],
+)
+def test_shape_only_accounting_agrees_with_the_measured_round(method, ranks, frozen):
+    """comm.shape_communication (from shapes alone, for the paper's Eff tables) equals the
+    accounting of a real aggregation, in every direction and in Eff."""
+    from florist.comm import shape_communication
+
+    updates = make_updates(ranks, seed=12)
+    if frozen is not None:
+        updates = with_shared(updates, frozen)
+    report = round_communication(get_aggregator(method).aggregate(updates), updates)
+    round_index = 2 if frozen == "A" else 1  # RoLoRA trains B in even rounds
+    planned = shape_communication(list(SHAPES.values()), ranks, method, round_index=round_index)
+    assert planned["total"] == {k: report["total"][k] for k in planned["total"]}
+    assert planned["eff"] == pytest.approx(report["eff"])
