@@ -305,6 +305,11 @@ def check_config(cfg: Any) -> str | None:
             "adapter (stacking, SVD or residuals), and secure aggregation shows the server only the sum "
             f"of the uploads; it works with {_linear_methods()}"
         )
+    if cfg.secure_aggregation and cfg.heter:
+        return (
+            "--secure_aggregation needs homogeneous ranks: SecAgg+ sums vectors of one shape, and the "
+            "server may not see a client's rank-padded upload"
+        )
     if not dp_enabled(cfg):
         if cfg.dp_noise_multiplier > 0 or cfg.dp_mode != "local":
             return "differential privacy needs --dp_clip_norm C > 0 (with --dp_noise_multiplier z > 0)"

@@ -33,7 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from florist.config import ConfigError, RunConfig
-from florist.flower import protocol
+from florist.flower import protocol, secagg
 from florist.flower.app_config import run_config_from_flower
 from florist.flower.payload import adapter_to_record, record_to_adapter
 
@@ -226,9 +226,11 @@ def info(message: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.INFO: reply}), reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secagg.client_mod])
 def train(message: Message, context: Context) -> Message:
     """One round of local training, starting where the server's message says."""
+    if secagg.is_masking_call(message):  # SecAgg+ wants the upload train.secagg kept
+        return secagg.kept_upload(message, context)
     import torch
 
     from florist import privacy
@@ -357,6 +359,9 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=message)
+
+
+secagg.register(app, train)
 
 
 @app.train(protocol.FINALIZE_ACTION)

@@ -147,7 +147,12 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         strategy.metrics["eval_before"] = evaluation[1](None) if evaluation else {}
 
     remaining = cfg.num_communication_rounds - strategy.round_offset
-    if remaining > 0:
+    if remaining > 0 and cfg.secure_aggregation:  # Flower's SecAgg+ workflow (florist.flower.secagg)
+        from florist.flower.secagg import secure_round
+
+        for server_round in range(1, remaining + 1):
+            secure_round(strategy, grid, server_round, options.round_timeout)
+    elif remaining > 0:
         strategy.start(
             grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=options.round_timeout
         )

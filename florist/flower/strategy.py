@@ -95,6 +95,7 @@ class FloristStrategy(FedAvg):
             "rounds": [],
         }
         self._sent: dict[int, dict[str, Any]] = {}  # node id -> what this round sent it
+        self.reply_scalings: dict[str, dict[str, Any]] = {}  # secure aggregation: scalings only
         if resumed is not None:
             # A resumed run: nodes start with empty state, so the merged updates are resent.
             self.server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client)
@@ -310,6 +311,10 @@ class FloristStrategy(FedAvg):
             self.module_shapes = shapes
         elif shapes != self.module_shapes:
             raise PayloadError(f"{sender}: its model's module shapes differ from the other nodes'")
+        if self.cfg.secure_aggregation:  # the upload stays on the node until SecAgg+ masks it
+            self.reply_scalings[node.client_id] = dict(content[protocol.UPDATE_SCALING])
+            node.merged_rounds = int(stats["merged-rounds"])
+            return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules={})
         factors = self.aggregator.sent_factors(rnd)
         if self.aggregator.frozen_A and self.frozen_A is None:
             from florist.training import ffa_frozen_A
@@ -330,11 +335,17 @@ class FloristStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from florist.checkpoint import CheckpointState, save_checkpoint
-        from florist.comm import round_communication
-        from florist.federation import round_entry
-
         rnd = server_round + self.round_offset
+        ordered, stats, uploads = self.collect(rnd, replies)
+        t0 = time.perf_counter()
+        result = self.aggregator.aggregate(ordered)
+        return self.finish_round(rnd, ordered, stats, uploads, result, time.perf_counter() - t0)
+
+    def collect(
+        self, rnd: int, replies: Iterable[Message]
+    ) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]], dict[str, ArrayRecord]]:
+        """The round's usable updates (by partition), their statistics and upload records. A
+        failed or rejected reply is recorded as a failure; fewer than min-clients stop the run."""
         updates: dict[int, ClientUpdate] = {}
         stats: dict[str, dict[str, Any]] = {}
         uploads: dict[str, ArrayRecord] = {}
@@ -364,7 +375,8 @@ class FloristStrategy(FedAvg):
                 "seconds": float(m["seconds"]),
                 "node_id": int(node_id),
             }
-            uploads[node.client_id] = reply.content[protocol.UPDATE]
+            if protocol.UPDATE in reply.content.array_records:  # not under secure aggregation
+                uploads[node.client_id] = reply.content[protocol.UPDATE]
         missing = sorted(
             self.nodes[n].client_id for n in self._sent if self.nodes[n].partition_id not in updates
         )
@@ -384,9 +396,22 @@ class FloristStrategy(FedAvg):
                 f"The checkpoint of round {rnd - 1} in {self.output_dir} is intact: fix the nodes and rerun with resume=true."
             )
         ordered = [updates[k] for k in sorted(updates)]  # by partition, as florist run orders clients
-        t0 = time.perf_counter()
-        result = self.aggregator.aggregate(ordered)
-        aggregation_seconds = time.perf_counter() - t0
+        return ordered, stats, uploads
+
+    def finish_round(
+        self,
+        rnd: int,
+        ordered: list[ClientUpdate],
+        stats: dict[str, dict[str, Any]],
+        uploads: dict[str, ArrayRecord],
+        result: GlobalResult,
+        aggregation_seconds: float,
+    ) -> tuple[None, MetricRecord]:
+        """Broadcast the round's ``result`` and record it: metrics, wire bytes, checkpoint."""
+        from florist.checkpoint import CheckpointState, save_checkpoint
+        from florist.comm import round_communication
+        from florist.federation import round_entry
+
         communication = round_communication(result, ordered, wire_dtype=self.wire_dtype)
         self.server.broadcast(result)
         self.last_result = result
