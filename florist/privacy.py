@@ -25,6 +25,10 @@ Two modes (``RunConfig.dp_mode``):
   FedAvg average, noise with ``compute_stdv(z, C, m)``) in the accounted mode Flower allows:
   equal client weights. It is valid only where the aggregate is that average
   (``Aggregator.linear_in_uploads``); otherwise one client's effect on the aggregate is not C/m.
+  On Flower the server does not hold each node's round start, so each node clips its own upload
+  and the server noises the uniform mean, as Flower's ``DifferentialPrivacyClientSideFixedClipping``
+  does (the same mechanism, for honest clients); with ``secure_aggregation`` the server then
+  sees only the sum of clipped uploads before it adds the noise.
 
 Accounting. Both modes are accounted with Google's ``dp-accounting`` RDP accountant, client-level,
 under add-or-remove-one-client adjacency (the client's whole data against a client that uploads
@@ -216,6 +220,21 @@ def travelling_factors(aggregator: Any, round_index: int) -> tuple[Factor, ...]:
     return tuple(f for f in aggregator.uploaded_factors if f in trained)
 
 
+def noised_mean(
+    result: GlobalResult,
+    aggregator: Any,
+    cfg: Any,
+    round_index: int,
+    num_clients: int,
+    generator: torch.Generator | None = None,
+) -> GlobalResult:
+    """Central DP on Flower, where each node clipped its own upload (as under Flower's
+    ``DifferentialPrivacyClientSideFixedClipping``): N(0, (z·C/m)²) on the uniform mean."""
+    std = central_std(cfg.dp_noise_multiplier, cfg.dp_clip_norm, num_clients)
+    factors = travelling_factors(aggregator, round_index)
+    return noise_result(result, factors, std, generator or noise_generator())
+
+
 def uniform_weights(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     """The uploads with equal weights: central DP's C/m needs a uniform average (as Flower's
     accounted fixed-clipping mode requires equal client weights)."""
@@ -325,11 +344,6 @@ def check_config(cfg: Any) -> str | None:
                 "adapters nonlinearly (stacking, SVD or residuals), so one client's effect on the aggregate "
                 f"is not bounded by C/m; use --dp_mode local, or a method that averages its uploads "
                 f"({_linear_methods()})"
-            )
-        if cfg.secure_aggregation:
-            return (
-                "--dp_mode central clips each upload on the server, which --secure_aggregation hides from "
-                "it; use --dp_mode local with --secure_aggregation"
             )
     return None
 

@@ -333,10 +333,6 @@ def test_central_dp_and_secure_aggregation_allowed_for_linear_methods(method):
         ({"dp_clip_norm": -1.0}, "must not be negative"),
         ({"dp_clip_norm": float("nan")}, "dp_clip_norm must be a finite number"),
         ({"dp_mode": "global"}, "dp_mode must be local or central"),
-        (
-            {"method": "fedit", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_mode": "central", "secure_aggregation": True},
-            "which --secure_aggregation hides",
-        ),
     ],
 )  # fmt: skip
 def test_bad_privacy_settings(kw, message):
@@ -478,13 +474,6 @@ def test_flower_nodes_clip_and_noise_their_uploads(tmp_path, flower_identity):
     p = metrics["privacy"]
     assert (p["mode"], p["epsilon"]) == ("local", privacy.epsilon(z, 1, cfg.dp_delta))
     assert metrics["rounds"][0]["privacy"] == {"epsilon": p["epsilon"]}  # no norms reach the server
-    central = tiny_config(
-        data, tmp_path / "c", "fedit", heter=False, dp_clip_norm=C, dp_noise_multiplier=z, dp_mode="central"
-    )
-    with pytest.raises(ConfigError, match="dp-mode central is not available on Flower yet"):
-        run_flower_server(
-            FakeGrid(central, data, [4] * 3), central, FlowerOptions(round_timeout=5, node_wait_timeout=1)
-        )
 
 
 # --- SmolLM2 -------------------------------------------------------------------------------------
@@ -693,3 +682,36 @@ def test_secure_aggregation_with_local_dp_over_several_rounds(tmp_path, flower_i
 def test_secure_aggregation_refuses_heterogeneous_ranks():
     with pytest.raises(ConfigError, match="--secure_aggregation needs homogeneous ranks"):
         RunConfig(method="ffa", heter=True, secure_aggregation=True).validate()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, tmp_path, flower_identity):
+    """Central DP on Flower: the nodes clip (Flower's client-side fixed clipping), the server adds
+    N(0, (zC/m)²) to the uniform mean, also when SecAgg+ hid the uploads from it."""
+    from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
+
+    from florist.adapters import read_peft_adapter
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+
+    data = write_tiny_data(tmp_path / "data")
+    C, z, m = 1e-3, 3e5, 3  # noise std zC/m = 100 dwarfs the start (|x| < 1) and the clipped mean (<= C)
+    cfg = tiny_config(
+        data, tmp_path / "flower", "fedit", heter=False, rounds=1, dp_clip_norm=C, dp_noise_multiplier=z,
+        dp_mode="central", secure_aggregation=secure,
+    )  # fmt: skip
+    grid = FakeGrid(cfg, data, [cfg.lora_r] * m)
+    deliver = grid.send_and_receive
+    grid.send_and_receive = lambda messages, *, timeout=None: deliver(
+        [copy.deepcopy(m) for m in messages], timeout=timeout
+    )
+    metrics = run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    adapter, _ = read_peft_adapter(tmp_path / "flower" / "adapter")
+    A = torch.cat([f.A.double().flatten() for f in adapter.values()])
+    sB = torch.cat([(f.scaling * f.B.double()).flatten() for f in adapter.values()])
+    std = z * C / m
+    for x in (A, sB):  # the start and the clipped mean move the RMS by at most 1/std relative
+        rms = float(x.square().mean().sqrt())
+        assert abs(rms / std - 1) < 6 / math.sqrt(2 * x.numel()) + 1 / std, (rms, std)
+    assert metrics["privacy"]["mode"] == "central"
+    assert metrics["privacy"]["epsilon"] == privacy.epsilon(z, 1, cfg.dp_delta)

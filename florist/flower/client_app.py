@@ -294,7 +294,7 @@ def train(message: Message, context: Context) -> Message:
 
     device = resolve_device(cfg.device)
     trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
-    local_dp = privacy.dp_enabled(cfg) and cfg.dp_mode == "local"
+    dp = cfg.dp_mode if privacy.dp_enabled(cfg) else None
     result = trainer.train(
         client_id=node.client_id,
         client_index=k,
@@ -306,7 +306,7 @@ def train(message: Message, context: Context) -> Message:
         seed=cfg.seed,
         frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
         shared_init_rank=shared_init_rank,
-        keep_start=local_dp,
+        keep_start=dp is not None,
         freeze=frozen_factors(method, rnd),
     )
     # What this node keeps for the next round: the factors that will not travel back to it
@@ -316,16 +316,20 @@ def train(message: Message, context: Context) -> Message:
     context.state[protocol.STATE_OWN_SCALING] = own_scalings
     context.state[protocol.STATE_OWN_ROUND] = ConfigRecord({"round": rnd})
     upload = result.update
-    if local_dp:  # clipped and noised here, before anything leaves this node (florist.privacy)
+    if dp:  # before anything leaves this node (florist.privacy)
         trained = AGGREGATORS[cfg.method].trained_factors(rnd)
-        upload, _norm = privacy.privatize_upload(
-            upload,
-            result.start,
-            tuple(f for f in config["upload-factors"] if f in trained),
-            clip_norm=cfg.dp_clip_norm,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            generator=privacy.noise_generator(),
-        )
+        factors = tuple(f for f in config["upload-factors"] if f in trained)
+        if dp == "local":  # clipped and noised here
+            upload, _norm = privacy.privatize_upload(
+                upload,
+                result.start,
+                factors,
+                clip_norm=cfg.dp_clip_norm,
+                noise_multiplier=cfg.dp_noise_multiplier,
+                generator=privacy.noise_generator(),
+            )
+        else:  # central: clipped here, the server noises the mean (Flower's client-side fixed clipping)
+            upload, _norm = privacy.clip_upload(upload, result.start, factors, cfg.dp_clip_norm)
     arrays, scalings = adapter_to_record(
         upload.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
     )

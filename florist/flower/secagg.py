@@ -16,6 +16,9 @@ A round has two steps:
    mod quantises, masks and sends it. The server unmasks only the sum and gets
    sum_k w_k x_k / sum_k w_k, FedIT's weighted average up to quantisation.
 
+Under central DP each node clips its upload and weighs it 1, and the server adds N(0, (zC/m)²) to
+the unmasked mean (``florist.privacy.noised_mean``); under local DP the nodes noise before masking.
+
 The average is then turned into the round's result by the method's own aggregator applied to it as
 a single upload (the average of one upload is itself), so the broadcast, checkpoint and metrics
 are exactly those of a normal round.
@@ -86,14 +89,18 @@ def kept_upload(message: Message, context: Context) -> Message:
 def register(app: Any, train: Any) -> None:
     """Add the ``train.secagg`` handler to the ClientApp: ``train``, keeping the upload here."""
 
+    from florist import privacy
+    from florist.flower.app_config import run_config_from_flower
+
     @app.train(SECAGG_ACTION)
     def secagg_train(message: Message, context: Context) -> Message:
         reply = train(message, context)
         content = reply.content
         context.state[STATE_UPLOAD] = content[protocol.UPDATE]
-        context.state[STATE_UPLOAD_META] = ConfigRecord(
-            {"num-examples": int(content[protocol.METRICS]["num-examples"])}
-        )
+        cfg = run_config_from_flower(context.run_config)[0]
+        central = privacy.dp_enabled(cfg) and cfg.dp_mode == "central"  # a uniform mean
+        weight = 1 if central else int(content[protocol.METRICS]["num-examples"])
+        context.state[STATE_UPLOAD_META] = ConfigRecord({"num-examples": weight})
         kept = RecordDict({key: value for key, value in content.items() if key != protocol.UPDATE})
         return Message(kept, reply_to=message)
 
@@ -155,6 +162,7 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
 
+    from florist import privacy
     from florist.aggregation import ClientUpdate
     from florist.flower.payload import record_to_adapter
     from florist.flower.strategy import FlowerRunError
@@ -177,6 +185,8 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
     if len(node_ids) < max(2, strategy.cfg.min_clients):
         raise FlowerRunError(f"round {rnd}: secure aggregation needs at least 2 clients, got {len(node_ids)}")
     t0 = time.perf_counter()
+    # Central DP needs the uniform mean of the clipped uploads (florist.privacy).
+    central = privacy.dp_enabled(strategy.cfg) and strategy.cfg.dp_mode == "central"
     bridge = _bridge(node_ids)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -188,7 +198,7 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,  # every sampled node holds a share of every other's keys
         reconstruction_threshold=0.67,
-        max_weight=float(max(u.num_examples for u in trained)),
+        max_weight=1.0 if central else float(max(u.num_examples for u in trained)),
         clipping_range=CLIPPING_RANGE,
         quantization_range=QUANTIZATION_RANGE,
         timeout=timeout,
@@ -228,6 +238,8 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
     )
     # The average of the uploads, aggregated as the method's one upload: the same result object.
     result = strategy.aggregator.aggregate([ClientUpdate("secure-sum", 1, modules)])
+    if central:  # the nodes clipped and weighed themselves 1: noise the mean here
+        result = privacy.noised_mean(result, strategy.aggregator, strategy.cfg, rnd, len(trained))
     # For florist's byte accounting, every client uploaded what the sum has (same shapes).
     stand_ins = [ClientUpdate(u.client_id, u.num_examples, modules) for u in trained]
     strategy.finish_round(rnd, stand_ins, stats, {}, result, time.perf_counter() - t0)

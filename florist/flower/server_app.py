@@ -115,11 +115,6 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         raise ConfigError(
             "save-merged is not supported by the Flower app; merge adapter/ into the base with peft"
         )
-    if privacy.dp_enabled(cfg) and cfg.dp_mode == "central":
-        raise ConfigError(
-            "dp-mode central is not available on Flower yet: the server would clip each upload against "
-            "the node's round start, which it does not hold; use dp-mode local (each node clips and noises)"
-        )
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     resumed = load_checkpoint(out) if cfg.resume else None

@@ -338,7 +338,11 @@ class FloristStrategy(FedAvg):
         rnd = server_round + self.round_offset
         ordered, stats, uploads = self.collect(rnd, replies)
         t0 = time.perf_counter()
-        result = self.aggregator.aggregate(ordered)
+        if privacy.dp_enabled(self.cfg) and self.cfg.dp_mode == "central":  # the nodes clipped
+            result = self.aggregator.aggregate(privacy.uniform_weights(ordered))
+            result = privacy.noised_mean(result, self.aggregator, self.cfg, rnd, len(ordered))
+        else:
+            result = self.aggregator.aggregate(ordered)
         return self.finish_round(rnd, ordered, stats, uploads, result, time.perf_counter() - t0)
 
     def collect(
