@@ -474,6 +474,8 @@ def test_flower_nodes_clip_and_noise_their_uploads(tmp_path, flower_identity):
     p = metrics["privacy"]
     assert (p["mode"], p["epsilon"]) == ("local", privacy.epsilon(z, 1, cfg.dp_delta))
     assert metrics["rounds"][0]["privacy"] == {"epsilon": p["epsilon"]}  # no norms reach the server
+    # nor the training losses, which are computed on the private records
+    assert all(s["losses"] == [] for s in metrics["rounds"][0]["client_stats"].values())
 
 
 # --- SmolLM2 -------------------------------------------------------------------------------------

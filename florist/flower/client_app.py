@@ -333,7 +333,9 @@ def train(message: Message, context: Context) -> Message:
     arrays, scalings = adapter_to_record(
         upload.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
     )
-    losses = [float(x) for x in result.losses]
+    # Under DP the training losses stay here: they are computed on the private records, and only
+    # the upload is privatised (florist.privacy).
+    losses = [] if dp else [float(x) for x in result.losses]
     metrics = MetricRecord(
         {
             "num-examples": int(result.update.num_examples),
