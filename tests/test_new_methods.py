@@ -583,6 +583,9 @@ def test_fedsa_reports_personalised_and_global_evaluation(tmp_path, federated_da
     sizes = [6, 7, 8]  # write_federated_data: per_client + k records
     mean = sum(n * losses[k] for k, n in enumerate(sizes)) / sum(sizes)
     assert personal["mean_loss"] == pytest.approx(mean, rel=1e-6)
+    from florist.cli.run import format_summary
+
+    assert f"personalised held-out loss: {mean:.4f}" in format_summary(metrics)
 
 
 # --- Flower: the same rounds, one factor on the wire ----------------------------------------

@@ -145,4 +145,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
         for label, ev in (("base", before), ("federated", after)):
             loss, acc, mm = _eval_cells(ev)
             lines.append(f"{label:>10} {loss:>13} {acc:>10} {mm:>8}")
+    personal = metrics.get("eval_personal")  # FedSA-LoRA: each client's own model, its own records
+    if personal and personal.get("mean_loss") is not None:
+        each = ", ".join(
+            f"{cid} {c['loss']:.4f}" for cid, c in personal["clients"].items() if c.get("loss") is not None
+        )
+        lines.append(f"personalised held-out loss: {personal['mean_loss']:.4f} (weighted mean; {each})")
     return "\n".join(lines)
