@@ -11,7 +11,8 @@ B taken after scaling (``s·B``, the same folding the aggregators use), i.e.
 and ``v ← v · min(1, C / ‖v‖₂)``. The start (A₀, B₀) is what the client began the round from: the
 server's broadcast, or a fresh init drawn from the run's seed. Both are public, so releasing
 ``start + clip(v) + noise`` reveals no more than ``clip(v) + noise`` (post-processing). Which
-factors travel is the aggregator's declaration (``Aggregator.uploaded_factors``).
+factors travel is the aggregator's declaration: ``uploaded_factors`` that it trains that round
+(``travelling_factors``; RoLoRA's frozen factor is the public start, FedSA's B never leaves).
 
 Two modes (``RunConfig.dp_mode``):
 
