@@ -57,7 +57,9 @@ def flower_run(fed: LocalFederation, app: Path, cfg, options: FlowerOptions) -> 
     return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("method, heter", [("florist", True), ("flexlora", True), ("fedit", False)])
+@pytest.mark.parametrize(
+    "method, heter", [("florist", True), ("flexlora", True), ("fedit", False), ("rolora", False)]
+)
 def test_flower_run_equals_in_process_run(federation, method, heter):
     fed, root, data, app = federation
     cfg = tiny_config(data, root / f"inproc-{method}", method, heter=heter)
