@@ -347,10 +347,7 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     """
     cfg.validate()
     if cfg.secure_aggregation:
-        raise ConfigError(
-            "--secure_aggregation applies to Flower runs (florist flower), where the clients are other "
-            "machines; florist run simulates every client in this one process"
-        )
+        raise ConfigError(privacy.IN_PROCESS_SECAGG)
     with output_lock(cfg.output_dir):
         return _run_federated(cfg, model=model, tokenizer=tokenizer)
 

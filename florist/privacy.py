@@ -299,6 +299,11 @@ def dp_enabled(cfg: Any) -> bool:
 
 # --- config checks (RunConfig.validate) ---------------------------------------------------------
 
+IN_PROCESS_SECAGG = (
+    "--secure_aggregation applies to Flower runs (florist flower), where the clients are other "
+    "machines; florist run and florist sweep simulate every client in this one process"
+)
+
 
 def _linear_methods() -> str:
     from florist.aggregation import AGGREGATORS

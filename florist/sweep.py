@@ -689,6 +689,8 @@ def run_sweep(
     if e_tolerance < 0:
         raise ConfigError(f"--e-tolerance must be >= 0, got {e_tolerance}")
     training_groups(methods, client_init)  # checks client_init
+    if cfg.secure_aggregation:
+        raise ConfigError(privacy.IN_PROCESS_SECAGG)
     dataclasses.replace(cfg, method="florist", threshold=taus[-1], dp_mode="local").validate()
     for method in methods:  # privacy settings hold per method (central DP: linear methods only)
         problem = privacy.check_config(dataclasses.replace(cfg, method=method))

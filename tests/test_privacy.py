@@ -717,3 +717,13 @@ def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, tmp_path, 
         assert abs(rms / std - 1) < 6 / math.sqrt(2 * x.numel()) + 1 / std, (rms, std)
     assert metrics["privacy"]["mode"] == "central"
     assert metrics["privacy"]["epsilon"] == privacy.epsilon(z, 1, cfg.dp_delta)
+
+
+def test_the_sweep_refuses_secure_aggregation(tmp_path, federated_data):
+    from conftest import tiny_run_config
+
+    from florist.sweep import run_sweep
+
+    cfg = tiny_run_config(federated_data(3), tmp_path / "s", method="fedit", secure_aggregation=True)
+    with pytest.raises(ConfigError, match="--secure_aggregation applies to Flower runs"):
+        run_sweep(cfg, methods="fedit", thresholds=[0.9], heter=(False,), model_factory=None)
