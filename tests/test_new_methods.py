@@ -740,3 +740,27 @@ def test_shape_only_accounting_agrees_with_the_measured_round(method, ranks, fro
     planned = shape_communication(list(SHAPES.values()), ranks, method, round_index=round_index)
     assert planned["total"] == {k: report["total"][k] for k in planned["total"]}
     assert planned["eff"] == pytest.approx(report["eff"])
+
+
+def test_flower_rolora_with_partial_participation_equals_the_in_process_run(tmp_path):
+    """Two of three clients a round: a node that missed the last round gets both factors (its
+    frozen one is stale), so its round starts where florist run starts it."""
+    from test_flower_strategy import FakeGrid, assert_same_adapter, tiny_config, write_tiny_data
+
+    from florist.federation import run_federated, sample_clients
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+    from florist.models import tiny_llama
+
+    data = write_tiny_data(tmp_path / "data")
+    settings = dict(heter=False, rounds=4, client_selection_frac=0.67, min_clients=2)
+    cfg = tiny_config(data, tmp_path / "inproc", "rolora", **settings)
+    picked = [sample_clients(cfg, r) for r in range(1, 5)]
+    assert any(set(b) - set(a) for a, b in zip(picked, picked[1:]))  # someone comes back stale
+    model, tokenizer = tiny_llama(seed=0)
+    run_federated(cfg, model=model, tokenizer=tokenizer)
+    fcfg = tiny_config(data, tmp_path / "flower", "rolora", **settings)
+    grid = FakeGrid(fcfg, data, [4, 4, 4])
+    metrics = run_flower_server(grid, fcfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    assert metrics["flower"]["failures"] == []
+    assert_same_adapter(tmp_path / "inproc" / "adapter", tmp_path / "flower" / "adapter")

@@ -165,7 +165,13 @@ class FloristStrategy(FedAvg):
         if not self.aggregator.merges_into_base:  # FedEx-LoRA: a folded update and a continuation
             init = self.server.continuation(node.client_id)
             if init is not None:
-                factors = self.last_result.downloaded_factors if self.last_result else ("A", "B")
+                # All but the node's own factors after a resume, or when the node missed the last
+                # round: its copy of what did not travel (RoLoRA's frozen factor) is stale then.
+                everything = tuple(f for f in ("A", "B") if f not in self.aggregator.local_factors)
+                stale = self._last_trained(node.client_id) < round_number - 1
+                factors = (
+                    everything if stale or self.last_result is None else self.last_result.downloaded_factors
+                )
                 arrays, scalings = adapter_to_record(init, factors=factors, wire_dtype=self.cfg.wire_dtype)
                 records[protocol.INIT] = arrays
                 records[protocol.INIT_SCALING] = scalings
