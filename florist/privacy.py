@@ -330,6 +330,9 @@ def check_config(cfg: Any) -> str | None:
             "adapter (stacking, SVD or residuals), and secure aggregation shows the server only the sum "
             f"of the uploads; it works with {_linear_methods()}"
         )
+    sampled = min(cfg.num_clients, max(cfg.min_clients, int(cfg.client_selection_frac * cfg.num_clients)))
+    if cfg.secure_aggregation and sampled < 2:
+        return f"--secure_aggregation needs at least 2 clients per round (the sum of one is its upload), got {sampled}"
     if cfg.secure_aggregation and cfg.heter:
         return (
             "--secure_aggregation needs homogeneous ranks: SecAgg+ sums vectors of one shape, and the "

@@ -681,9 +681,13 @@ def test_secure_aggregation_with_local_dp_over_several_rounds(tmp_path, flower_i
     assert metrics["privacy"]["epsilon_per_round"] == [privacy.epsilon(0.01, n, cfg.dp_delta) for n in (1, 2)]
 
 
-def test_secure_aggregation_refuses_heterogeneous_ranks():
+def test_secure_aggregation_refuses_heterogeneous_ranks_and_single_clients():
     with pytest.raises(ConfigError, match="--secure_aggregation needs homogeneous ranks"):
         RunConfig(method="ffa", heter=True, secure_aggregation=True).validate()
+    with pytest.raises(ConfigError, match="needs at least 2 clients per round .* got 1"):
+        RunConfig(
+            method="fedit", num_clients=4, client_selection_frac=0.25, secure_aggregation=True
+        ).validate()
 
 
 @pytest.mark.parametrize("secure", [False, True])
