@@ -24,7 +24,11 @@ evaluated per method:
 * FedIT, zero-padding, FFA-LoRA: the broadcast global adapter (zero-padding: at rank r_max);
 * FlexLoRA broadcasts one truncation per client; we evaluate the rank-r_max truncation of the
   dense average (the largest client's adapter, the same one ``florist run`` writes as adapter/);
-* FLoRA, FLoRIST: the broadcast adapter (rank Σr_k and p(τ)).
+* FLoRA, FLoRIST: the broadcast adapter (rank Σr_k and p(τ));
+* FedEx-LoRA: the residual stacked with (B̄, Ā), the exact total the clients hold;
+* FedSA-LoRA: its global view, the average of the clients' updates (florist run also scores
+  each client's own model on its own records; the sweep does not);
+* RoLoRA, HetLoRA (at rank r_max), LoRA-FAIR: the broadcast adapter.
 
 With more than one round the methods diverge after round 1, so every configuration is trained
 separately with ``florist.federation.run_federated`` (the output says so).
