@@ -171,15 +171,20 @@ def test_central_noise_std_and_heterogeneous_slices():
 # --- central DP mirrors Flower's server-side fixed clipping -------------------------------------
 
 
-def test_central_dp_agrees_with_flowers_fixed_clipping_helpers():
-    from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+def test_central_dp_agrees_with_flowers_server_side_fixed_clipping(flower_identity):
+    """florist's central DP against Flower's own DifferentialPrivacyServerSideFixedClipping
+    wrapping FedAvg (equal weights, as Flower's accounted mode requires), fed the travelling
+    vector's pieces (s·B and A per module) with the round's start as its current arrays: the
+    clipped average agrees exactly, and the noise both add has the std z·C/m."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
     g = torch.Generator().manual_seed(5)
     start = adapter(g, 4, scale=0.1)
     updates = [
         ClientUpdate(
             f"client_{k}",
-            10 * (k + 1),  # unequal sizes: central DP must average uniformly anyway
+            10 * (k + 1),  # unequal sizes: central DP averages uniformly anyway
             {
                 n: LoraFactors(
                     A=f.A + 0.3 * torch.randn(f.A.shape, generator=g),
@@ -191,33 +196,50 @@ def test_central_dp_agrees_with_flowers_fixed_clipping_helpers():
         )
         for k in range(3)
     ]
-    C = 1.5
-    result, _ = privacy.central_aggregate(
-        get_aggregator("fedit"),
-        updates,
-        {u.client_id: start for u in updates},
-        clip_norm=C,
-        noise_multiplier=0.0,  # noise apart: the clip and the average
-        generator=torch.Generator().manual_seed(0),
-    )
-    # Flower: per reply, clip (param - current) as one vector and put it back, then a uniform mean.
     names = sorted(start)
 
-    def arrays(a):  # the travelling vector's pieces: s·B and A per module
+    def pieces(a):  # the travelling vector's pieces: s·B and A per module
         return [x for n in names for x in (a[n].scaling * a[n].B.double().numpy(), a[n].A.double().numpy())]
 
-    current = arrays(start)
-    clipped = []
-    for u in updates:
-        params = arrays(u.modules)
-        compute_clip_model_update(params, current, C)
-        clipped.append(params)
-    mean = [np.mean([c[i] for c in clipped], axis=0) for i in range(len(current))]
-    ours = arrays(result.adapter)
-    for x, y in zip(ours, mean):
-        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
-    for z, C, m in ((1.0, 1.0, 8), (0.3, 2.5, 3)):
-        assert privacy.central_std(z, C, m) == pytest.approx(compute_stdv(z, C, m), rel=1e-15)
+    def record(arrays):
+        return ArrayRecord({f"p{i:03d}": Array(x.copy()) for i, x in enumerate(arrays)})
+
+    def flower(z: float, C: float) -> list[np.ndarray]:
+        wrapper = DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(fraction_train=1.0, weighted_by_key="num-examples"), z, C, len(updates)
+        )
+        wrapper.current_arrays = record(pieces(start))
+        replies = []
+        for k, u in enumerate(updates):
+            asked = Message(
+                RecordDict({"config": ConfigRecord({})}), dst_node_id=100 + k, message_type=MessageType.TRAIN
+            )
+            content = RecordDict(
+                {"arrays": record(pieces(u.modules)), "metrics": MetricRecord({"num-examples": 1})}
+            )
+            replies.append(Message(content, reply_to=asked))
+        arrays, _ = wrapper.aggregate_train(1, replies)
+        return [arrays[key].numpy() for key in sorted(arrays.keys())]
+
+    def ours(z: float, C: float) -> list[np.ndarray]:
+        result, _ = privacy.central_aggregate(
+            get_aggregator("fedit"),
+            updates,
+            {u.client_id: start for u in updates},
+            clip_norm=C,
+            noise_multiplier=z,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return pieces(result.adapter)
+
+    C = 1.5
+    exact = ours(0.0, C)
+    for x, y in zip(exact, flower(0.0, C)):  # no noise: the clip and the uniform average
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-13)  # florist clips 1e-12 below C
+    z = 40.0  # noise std zC/m = 20, far above the pieces
+    for noisy in (ours(z, C), flower(z, C)):
+        noise = torch.from_numpy(np.concatenate([(a - b).ravel() for a, b in zip(noisy, exact)]))
+        assert abs(z_score_of_std(noise, z * C / len(updates))) < 5
 
 
 def test_central_dp_keeps_ffa_a_and_noises_b():
