@@ -764,3 +764,31 @@ def test_flower_rolora_with_partial_participation_equals_the_in_process_run(tmp_
     metrics = run_flower_server(grid, fcfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
     assert metrics["flower"]["failures"] == []
     assert_same_adapter(tmp_path / "inproc" / "adapter", tmp_path / "flower" / "adapter")
+
+
+def test_fedsa_resume_without_per_client_state_is_refused(tmp_path, federated_data, monkeypatch):
+    """A FedSA checkpoint that lacks the clients' own B (e.g. from an older florist) cannot resume."""
+    import dataclasses
+
+    import florist.federation
+    from florist.checkpoint import load_checkpoint
+    from florist.config import ConfigError
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+
+    cfg, _ = tiny_run(federated_data(3), tmp_path / "out", "fedsa", 1)
+    state = load_checkpoint(cfg.output_dir)
+    assert state.client_state  # written by this version
+    monkeypatch.setattr(
+        florist.federation, "load_checkpoint", lambda out: dataclasses.replace(state, client_state={})
+    )
+    model, tokenizer = tiny_llama(seed=0)
+    with pytest.raises(
+        ConfigError,
+        match="fedsa keeps each client's own B across rounds, but the checkpoint holds no per-client state",
+    ):
+        run_federated(
+            dataclasses.replace(cfg, num_communication_rounds=2, resume=True),
+            model=model,
+            tokenizer=tokenizer,
+        )
