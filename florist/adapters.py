@@ -25,6 +25,13 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
+try:  # the regex parser, to vet untrusted patterns before they run (Python 3.11+, then 3.10)
+    from re import _constants as C
+    from re import _parser as parser
+except ImportError:  # pragma: no cover
+    import sre_constants as C  # type: ignore[no-redef]
+    import sre_parse as parser  # type: ignore[no-redef]
+
 from florist.adapter_files import (  # noqa: F401  (re-exported: the names users import from here)
     CLIENT_INFO_FILE,
     CONFIG_FILE,
@@ -157,12 +164,7 @@ def _check_config(config: Any, what: str) -> dict[str, Any]:
             f"{what}: {CONFIG_FILE} field 'target_modules' must be a string or a list of strings"
         )
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise AdapterError(
-                f"{what}: {CONFIG_FILE} field 'target_modules' is not a valid pattern ({e})"
-            ) from None
+        _check_pattern(targets, what, "target_modules")
     _positive_int(config.get("r"), what, "r")
     _positive_number(config.get("lora_alpha", 8), what, "lora_alpha")
     for field in ("rank_pattern", "alpha_pattern"):
@@ -170,11 +172,67 @@ def _check_config(config: Any, what: str) -> dict[str, Any]:
         if not isinstance(pattern, dict):
             raise AdapterError(f"{what}: {CONFIG_FILE} field {field!r} must be an object")
         for key, value in pattern.items():
+            _check_pattern(key, what, f"{field} key")
             check = _positive_int if field == "rank_pattern" else _positive_number
             check(value, what, f"{field}[{key!r}]")
     if not isinstance(config.get("use_rslora", False), bool):
         raise AdapterError(f"{what}: {CONFIG_FILE} field 'use_rslora' must be true or false")
     return config
+
+
+# Untrusted regexes (peft's target_modules and pattern keys) run against module names. Python's
+# re has no time limit, so the patterns that can backtrack exponentially are refused up front:
+# a repeat around another repeat or an alternation ("(a+)+", "(a|ab)*"), backreferences, and
+# more than a few unbounded repeats in a row (".*.*.*.*x" is polynomial of high degree).
+MAX_PATTERN_CHARS = 512
+MAX_UNBOUNDED_REPEATS = 3
+MAX_MODULE_CHARS = 512
+_REPEATS = tuple(getattr(C, n) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(C, n))
+_GROUPS = tuple(
+    getattr(C, n) for n in ("SUBPATTERN", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP") if hasattr(C, n)
+)
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is unsafe or invalid as an untrusted regex, or None."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"is {len(pattern)} characters long, more than the {MAX_PATTERN_CHARS} allowed"
+    try:
+        parsed = parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"is not a valid pattern ({e})"
+    unbounded = 0
+    for op, arg in _flat(parsed):
+        if op in (C.GROUPREF, C.GROUPREF_EXISTS):
+            return "uses a backreference"
+        if op in _REPEATS and (arg[1] is C.MAXREPEAT or arg[1] > 1):
+            if any(o in _REPEATS or o == C.BRANCH for o, _ in _flat(arg[2])):
+                return "repeats a group that holds a repeat or an alternation (exponential backtracking)"
+            unbounded += arg[1] is C.MAXREPEAT
+    if unbounded > MAX_UNBOUNDED_REPEATS:
+        return f"has {unbounded} unbounded repeats, more than the {MAX_UNBOUNDED_REPEATS} allowed"
+    return None
+
+
+def _flat(items: Any) -> list[tuple[Any, Any]]:
+    """Every (op, arg) in a parsed pattern, nested groups included."""
+    out: list[tuple[Any, Any]] = []
+    for op, arg in items:
+        out.append((op, arg))
+        if op in _REPEATS:
+            out += _flat(arg[2])
+        elif op == C.BRANCH:
+            for branch in arg[1]:
+                out += _flat(branch)
+        elif op in _GROUPS:
+            out += _flat(arg[-1])
+    return out
+
+
+def _check_pattern(pattern: str, what: str, field: str) -> None:
+    problem = _pattern_problem(pattern)
+    if problem:
+        raise AdapterError(f"{what}: {CONFIG_FILE} {field} {pattern[:60]!r} {problem}")
 
 
 def _targeted(targets: Any, module: str) -> bool:
@@ -253,7 +311,7 @@ def read_peft_adapter(
                 f"{what}: unexpected tensor {key!r} in {WEIGHTS_FILE} (only lora_A/lora_B weights)"
             )
         module, factor = match["module"], match["factor"]
-        if not _MODULE.match(module):
+        if len(module) > MAX_MODULE_CHARS or not _MODULE.match(module):
             raise AdapterError(f"{what}: tensor {key!r} does not name a module (a dotted module path)")
         if not _targeted(config.get("target_modules"), module):
             raise AdapterError(

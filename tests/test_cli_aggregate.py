@@ -412,6 +412,26 @@ BAD_INPUT = {
         "not covered by adapter_config.json's target_modules",
         False,  # names the first module it meets
     ),
+    # Untrusted regexes run against module names with no time limit: the catastrophic ones are
+    # refused before any matching (this case would take hours if "(q+)+" were run).
+    "exponential target_modules": (
+        lambda d: _edit_config(d, target_modules="(" + "[a-z_.0-9]+" + ")+$"),
+        [],
+        "exponential backtracking",
+        False,
+    ),
+    "exponential rank_pattern key": (
+        lambda d: _edit_config(d, rank_pattern={"(q|q_|_)*x": 4}),
+        [],
+        "rank_pattern key '(q|q_|_)*x' repeats a group that holds a repeat or an alternation",
+        False,
+    ),
+    "backreference alpha_pattern key": (
+        lambda d: _edit_config(d, alpha_pattern={r"(q)\1": 4}),
+        [],
+        "uses a backreference",
+        False,
+    ),
     "ffa A differ": (_other_A, ["--method", "ffa"], "shared frozen A", True),
     "oversized": (_padded, ["--max-bytes", "9000"], "more than the limit of 9000", False),
     "path traversal id": (_traversal_id, [], "unsafe client id", False),
