@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FLORIST_SHARED_DATA", REPO.parent / "shared" / "data"))
 START, END = "<!-- training:start -->", "<!-- training:end -->"
+MEMORY_START, MEMORY_END = "<!-- training-memory:start -->", "<!-- training-memory:end -->"
 
 
 from common import BENCHMARKS_MD, machine, write_section  # noqa: E402
@@ -322,16 +323,19 @@ def memory_child(num_clients: int, workdir: str) -> None:
     )
 
 
-def measure_memory(num_clients: int, pad_multiple: int) -> dict[str, Any]:
+def measure_memory(num_clients: int, pad_multiple: int, precision: str = "auto") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
-        env = dict(os.environ, FLORIST_PROGRESS="0", BENCH_PAD_MULTIPLE=str(pad_multiple))
+        env = dict(
+            os.environ, FLORIST_PROGRESS="0", BENCH_PAD_MULTIPLE=str(pad_multiple), BENCH_PRECISION=precision
+        )
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(num_clients), workdir],
             capture_output=True, text=True, env=env, cwd=REPO,
         )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"memory run with {num_clients} clients failed:\n{proc.stderr[-3000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), pad_to_multiple_of=pad_multiple)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, pad_to_multiple_of=pad_multiple, precision=precision)
 
 
 # --- report --------------------------------------------------------------------------------
@@ -417,36 +421,74 @@ def markdown(results: dict[str, Any]) -> str:
         f"{readme['process_seconds']:.0f} s (model conversion cached; held-out and MMLU evaluation before and after).",
         "",
     ]
-    mem = results["memory"]
     lines += [
+        "The machine is shared with other jobs; absolute figures vary from run to run, ratios less so.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(mem: dict[str, Any]) -> str:
+    m = mem["machine"]
+    lines = [
+        MEMORY_START,
+        f"### Memory against the number of clients (`python bench/training.py --memory-only`, {m['cpu']}, {m['date']})",
+        "",
         f"Peak RSS of a one-round FLoRIST simulation, fresh process per run, {PER_CLIENT} Dolly records "
         f"and {PER_CLIENT // 2} optimizer steps (micro-batch 2, cutoff 256) per client:",
         "",
-        "| clients | batch widths padded to | peak RSS (MiB) | seconds |",
-        "|---:|---|---:|---:|",
+        "| clients | precision | batch widths padded to | peak RSS (MiB) | seconds |",
+        "|---:|---|---|---:|---:|",
     ]
     for r in mem["runs"]:
         width = (
             "longest example" if r["pad_to_multiple_of"] == 1 else f"multiple of {r['pad_to_multiple_of']}"
         )
-        lines.append(f"| {r['clients']} | {width} | {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['clients']} | {r['precision']} | {width} | {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} |"
+        )
+    ratios = mem["ratios"]
     lines += [
         "",
-        f"32 vs 8 clients: **{mem['ratio']:.3f}×** with florist's default padding (target ≤ 1.15); "
-        f"{mem['ratio_exact_widths']:.3f}× when every batch is padded only to its longest example.",
+        f"32 vs 8 clients: **{ratios['default']:.3f}×** with florist's defaults (bf16 autocast, widths padded "
+        f"to 32; target ≤ 1.15); {ratios['exact_widths']:.3f}× when every batch is padded only to its "
+        f"longest example; {ratios['fp32']:.3f}× in float32.",
         "",
         "One base model is shared and clients differ only in their LoRA: tensor and module counts stay "
         "flat across clients, and the uploads held for aggregation add ~3.7 MiB per client at r=16. "
-        "What grew with clients was per-shape native memory: oneDNN's primitive cache and the "
-        "allocator keep buffers for every new sequence length, so with exact-length batches each "
-        "client's new lengths added memory. Rounding batch widths up to a multiple of 32 "
-        "(`--pad_to_multiple_of`, at most cutoff/32 widths) bounds that set, and RSS then levels off "
-        "once every width has been seen.",
-        "",
-        "The machine is shared with other jobs; absolute figures vary from run to run, ratios less so.",
-        END,
+        "What grows with clients is per-shape native memory. In bf16, every matmul goes through oneDNN, "
+        "which caches a compiled primitive for each shape it meets (up to 1,024); float32 matmuls go to "
+        "a BLAS without such a cache. Every shape that depends on the data is therefore bounded: packed "
+        "batch lengths are padded to a multiple of 32 (`--pad_to_multiple_of`), the per-example "
+        "attention blocks and the LM-head chunks to a multiple of 16 rows (`florist.packing.SHAPE_MULTIPLE`). "
+        "Before the attention blocks and head chunks were padded, 32 clients reached 1.33× the RSS of 8. "
+        "Setting `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` keeps RSS flat but made training several times "
+        "slower; it is not used.",
+        MEMORY_END,
     ]
     return "\n".join(lines) + "\n"
+
+
+MEMORY_CONFIGS = [  # (precision, batch-width multiple)
+    ("auto", data.PAD_TO_MULTIPLE_OF),
+    ("auto", 1),
+    ("fp32", data.PAD_TO_MULTIPLE_OF),
+]
+
+
+def memory_results() -> dict[str, Any]:
+    runs = [measure_memory(k, m, precision) for precision, m in MEMORY_CONFIGS for k in (8, 32)]
+    for r in runs:
+        print(
+            f"{r['clients']} clients, {r['precision']}, widths x{r['pad_to_multiple_of']}: "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB",
+            file=sys.stderr,
+        )
+    peak = [r["peak_rss_mib"] for r in runs]
+    ratios = {
+        name: peak[2 * i + 1] / peak[2 * i] for i, name in enumerate(("default", "exact_widths", "fp32"))
+    }
+    return {"machine": machine(), "runs": runs, "ratios": ratios}
 
 
 def main() -> None:
@@ -459,9 +501,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--memory-child", nargs=2, metavar=("CLIENTS", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory runs (and their section)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if args.memory_only:
+        memory = memory_results()
+        print(json.dumps(memory, indent=2))
+        if not args.no_docs:
+            write_section(BENCHMARKS_MD, MEMORY_START, MEMORY_END, memory_markdown(memory))
         return
     os.environ.setdefault("FLORIST_PROGRESS", "0")
     results: dict[str, Any] = {"machine": machine(), "examples": args.examples}
@@ -494,20 +543,14 @@ def main() -> None:
     results["readme_round"] = readme_round()
     results["adamw_ms"] = {"plain": adamw_step_ms(False), "fused": adamw_step_ms(True)}
 
-    runs = [measure_memory(k, m) for m in (data.PAD_TO_MULTIPLE_OF, 1) for k in (8, 32)]
-    for r in runs:
-        print(
-            f"{r['clients']} clients, widths x{r['pad_to_multiple_of']}: peak RSS {r['peak_rss_mib']:.0f} MiB",
-            file=sys.stderr,
-        )
-    peak = [r["peak_rss_mib"] for r in runs]
-    results["memory"] = {"runs": runs, "ratio": peak[1] / peak[0], "ratio_exact_widths": peak[3] / peak[2]}
+    results["memory"] = memory_results()
 
     print(json.dumps(results, indent=2))
     if args.json:
         atomic_write_json(args.json, results)
     if not args.no_docs:
         write_section(BENCHMARKS_MD, START, END, markdown(results))
+        write_section(BENCHMARKS_MD, MEMORY_START, MEMORY_END, memory_markdown(results["memory"]))
         print(f"updated {BENCHMARKS_MD}", file=sys.stderr)
 
 

@@ -40,6 +40,10 @@ PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 EAGER_ATTENTION_MAX_LEN = 128
 ATTENTION_SLACK = 1.5  # padded attention work allowed per group, relative to the exact work
 HEAD_CHUNK = 256  # scored positions per LM-head chunk: its (chunk x vocab) logits stay in cache
+# Attention blocks and LM-head chunks are padded to a multiple of this many rows. oneDNN caches a
+# primitive for every bf16 matmul shape it meets; unbounded lengths made that cache, and RSS, grow
+# with every client (docs/benchmarks.md, memory). Padded rows are never scored.
+SHAPE_MULTIPLE = 16
 
 
 @dataclass
@@ -159,9 +163,15 @@ def packed_attention_forward(
     q, k, v = (x[0].transpose(0, 1).split(sizes) for x in (query, key, value))
     rows: list[torch.Tensor] = [query.new_empty(0)] * len(lengths)
     for group in packed.groups:
+        longest = lengths[group[0]]
+        width = longest + -longest % SHAPE_MULTIPLE
 
-        def block(parts: tuple[torch.Tensor, ...], group: list[int] = group) -> torch.Tensor:
+        def block(
+            parts: tuple[torch.Tensor, ...], group: list[int] = group, width: int = width
+        ) -> torch.Tensor:
             padded = nn.utils.rnn.pad_sequence([parts[i] for i in group], batch_first=True)
+            # Right padding: under the causal mask no real query reaches the padded keys.
+            padded = F.pad(padded, (0, 0, 0, 0, 0, width - padded.shape[1]))
             return padded.transpose(1, 2)  # (n, heads, L, d)
 
         out = _causal_attention(block(q), block(k), block(v), scale).transpose(1, 2)  # (n, L, heads, d)
@@ -229,7 +239,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad = torch.empty_like(h)
         total = hidden.new_zeros((), dtype=accumulate)
         for c in range(0, h.shape[0], HEAD_CHUNK):
-            logits = (h[c : c + HEAD_CHUNK] @ w.T).to(accumulate)
+            rows = h[c : c + HEAD_CHUNK]
+            real = rows.shape[0]
+            # Padded to SHAPE_MULTIPLE rows (zeros), then only the real rows' logits are kept.
+            rows = F.pad(rows, (0, 0, 0, -real % SHAPE_MULTIPLE))
+            logits = (rows @ w.T)[:real].to(accumulate)
             tgt = targets[c : c + HEAD_CHUNK, None]
             # A log-sum-exp and softmax in place: the (chunk x vocab) buffer is the cost here.
             top = logits.amax(dim=-1, keepdim=True)
