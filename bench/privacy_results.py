@@ -17,7 +17,7 @@ The clip norm matters as much as z: C far above the updates' norm spends the noi
 far below it shrinks every update. --clip (default 1.0) is a guess; before the full run, check
 rounds[0].privacy.clipped in a pilot's metrics.json (how many of the 8 uploads the bound cut).
 
-Expect local DP at client level to be harsh: every coordinate of an upload (about 1.1 million for
+Expect local DP at client level to be harsh: every coordinate of an upload (921,600 for
 r = 16 on q_proj and v_proj of SmolLM2-135M) gets noise of std z·C while the whole clipped update
 has norm at most C, so the noise's norm is z·C·sqrt(d). The smoke run (C = 1, z = 1, one round,
 ε = 4.7 at δ = 1e-5) left FedIT at 13.7 nats of held-out loss, against 2.81 without DP. A curve that separates the
