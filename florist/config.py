@@ -7,6 +7,7 @@ Flower app all build a ``RunConfig`` and hand it to the same code.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,15 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        # YAML 1.1 reads 1e-5 (no dot) as a string: a float setting takes the number it spells.
+        hints = typing.get_type_hints(cls)
+        values = dict(values)
+        for name, value in values.items():
+            if isinstance(value, str) and hints[name] in (float, float | None):
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    pass  # left as given: validate() names the setting
         return cls(**values)
 
     @classmethod

@@ -753,3 +753,13 @@ def test_the_sweep_refuses_secure_aggregation(tmp_path, federated_data):
     cfg = tiny_run_config(federated_data(3), tmp_path / "s", method="fedit", secure_aggregation=True)
     with pytest.raises(ConfigError, match="--secure_aggregation applies to Flower runs"):
         run_sweep(cfg, methods="fedit", thresholds=[0.9], heter=(False,), model_factory=None)
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; JSON writes 1e-05 that way too.
+    (tmp_path / "run.yaml").write_text("dp_delta: 1e-5\ndp_clip_norm: 1\ndp_noise_multiplier: 2e0\n")
+    cfg = RunConfig.from_yaml(tmp_path / "run.yaml").validate()
+    assert (cfg.dp_delta, cfg.dp_clip_norm, cfg.dp_noise_multiplier) == (1e-5, 1.0, 2.0)
+    (tmp_path / "bad.yaml").write_text("dp_delta: tiny\n")
+    with pytest.raises(ConfigError, match="dp_delta must be a finite number, got 'tiny'"):
+        RunConfig.from_yaml(tmp_path / "bad.yaml").validate()
