@@ -1,7 +1,8 @@
 """The test suite on a busy machine: `make test` with CPU-bound busy loops pinned beside it.
 
-    python bench/busy_suite.py               # two busy loops, one per core (about 3x the quiet time)
-    python bench/busy_suite.py --loops 0     # the quiet baseline, same script
+    python bench/busy_suite.py                   # the quiet baseline, then two busy loops (one per core)
+    python bench/busy_suite.py --no-baseline     # the busy run only
+    python bench/busy_suite.py --loops 0 --json quiet.json   # a quiet run on its own
 
 A slow machine is not a failure: every wait in the suite is an event or a hang guard far above
 any correct run (tests/conftest.py HANG_GUARD). This runs the suite as CI does, with ``--loops``
@@ -58,7 +59,7 @@ def run_suite(loops: int) -> dict:
     }
 
 
-def markdown(result: dict, info: dict) -> str:
+def markdown(result: dict, info: dict, baseline: dict | None = None) -> str:
     status = "passed" if result["returncode"] == 0 else "FAILED"
     lines = [
         START,
@@ -71,6 +72,14 @@ def markdown(result: dict, info: dict) -> str:
         f"**{status}** in {result['seconds'] / 60:.1f} min: {result['summary']}",
         "",
     ]
+    if baseline is not None:
+        quiet = "passed" if baseline["returncode"] == 0 else "FAILED"
+        lines += [
+            f"Quiet baseline (no busy loops): {quiet} in {baseline['seconds'] / 60:.1f} min: "
+            f"{baseline['summary']}. The busy run took **{result['seconds'] / baseline['seconds']:.2f}×** "
+            "as long.",
+            "",
+        ]
     lines += [f"- {f}" for f in result["failures"]]
     lines += [
         "Every wait in the suite is an event or a hang guard (`HANG_GUARD`, an hour) far above any correct "
@@ -85,14 +94,27 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--loops", type=int, default=2, help="busy-loop processes beside the suite")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the quiet run before the busy one")
+    parser.add_argument(
+        "--baseline-json", type=Path, help="use this earlier quiet run (--json of --loops 0) as the baseline"
+    )
+    parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     info = machine()
+    baseline = None
+    if args.baseline_json:
+        baseline = json.loads(args.baseline_json.read_text())
+    elif args.loops and not args.no_baseline:
+        baseline = run_suite(0)
     result = run_suite(args.loops)
     print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     if not args.no_docs:
-        write_section(BENCHMARKS_MD, START, END, markdown(result, info))
-    return 0 if result["returncode"] == 0 else 1
+        write_section(BENCHMARKS_MD, START, END, markdown(result, info, baseline))
+    ok = result["returncode"] == 0 and (baseline is None or baseline["returncode"] == 0)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
