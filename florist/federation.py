@@ -479,7 +479,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 results[cid].update, dp_norms[cid] = privacy.privatize_upload(
                     results[cid].update,
                     results[cid].start,
-                    privacy.travelling_factors(aggregator, rnd),
+                    aggregator.sent_factors(rnd),
                     clip_norm=cfg.dp_clip_norm,
                     noise_multiplier=cfg.dp_noise_multiplier,
                     generator=noise,
@@ -501,7 +501,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
                 clip_norm=cfg.dp_clip_norm,
                 noise_multiplier=cfg.dp_noise_multiplier,
                 generator=noise,
-                factors=privacy.travelling_factors(aggregator, rnd),
+                factors=aggregator.sent_factors(rnd),
             )
         else:
             result = aggregator.aggregate(updates)

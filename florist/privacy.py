@@ -12,7 +12,7 @@ and ``v ← v · min(1, C / ‖v‖₂)``. The start (A₀, B₀) is what the cl
 server's broadcast, or a fresh init drawn from the run's seed. Both are public, so releasing
 ``start + clip(v) + noise`` reveals no more than ``clip(v) + noise`` (post-processing). Which
 factors travel is the aggregator's declaration: ``uploaded_factors`` that it trains that round
-(``travelling_factors``; RoLoRA's frozen factor is the public start, FedSA's B never leaves).
+(``Aggregator.sent_factors``; RoLoRA's frozen factor is the public start, FedSA's B never leaves).
 
 Two modes (``RunConfig.dp_mode``):
 
@@ -214,13 +214,6 @@ def noise_result(
     return dataclasses.replace(result, adapter=adapter, per_client=sliced)
 
 
-def travelling_factors(aggregator: Any, round_index: int) -> tuple[Factor, ...]:
-    """The factors whose change a client uploads in a round: declared uploaded and trained that
-    round (RoLoRA trains one of them; a frozen factor is the public start and needs no noise)."""
-    trained = aggregator.trained_factors(round_index)
-    return tuple(f for f in aggregator.uploaded_factors if f in trained)
-
-
 def noised_mean(
     result: GlobalResult,
     aggregator: Any,
@@ -232,7 +225,7 @@ def noised_mean(
     """Central DP on Flower, where each node clipped its own upload (as under Flower's
     ``DifferentialPrivacyClientSideFixedClipping``): N(0, (z·C/m)²) on the uniform mean."""
     std = central_std(cfg.dp_noise_multiplier, cfg.dp_clip_norm, num_clients)
-    factors = travelling_factors(aggregator, round_index)
+    factors = aggregator.sent_factors(round_index)
     return noise_result(result, factors, std, generator or noise_generator())
 
 

@@ -590,13 +590,13 @@ def test_sweep_under_dp_runs_each_configuration_and_reports_epsilon(tmp_path, fe
         run_sweep(central, methods="fedit,florist", thresholds=[0.9], heter=(False,), model_factory=None)
 
 
-def test_travelling_factors_follow_the_declarations():
-    assert privacy.travelling_factors(AGGREGATORS["fedit"], 1) == ("A", "B")
-    assert privacy.travelling_factors(AGGREGATORS["ffa"], 3) == ("B",)
+def test_sent_factors_follow_the_declarations():
+    assert AGGREGATORS["fedit"].sent_factors(1) == ("A", "B")
+    assert AGGREGATORS["ffa"].sent_factors(3) == ("B",)
     if "fedsa" in AGGREGATORS:  # B_k stays on the client
-        assert privacy.travelling_factors(AGGREGATORS["fedsa"], 2) == ("A",)
+        assert AGGREGATORS["fedsa"].sent_factors(2) == ("A",)
     if "rolora" in AGGREGATORS:  # one factor trains per round, the other is the public start
-        one, two = (privacy.travelling_factors(AGGREGATORS["rolora"], r) for r in (1, 2))
+        one, two = (AGGREGATORS["rolora"].sent_factors(r) for r in (1, 2))
         assert len(one) == len(two) == 1 and one != two
 
 
