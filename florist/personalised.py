@@ -71,7 +71,12 @@ def evaluate_personal(
         if own is not None:
             records, _fmt = load_dataset_file(own)
             result = score(adapters[cid], records)
-            clients[cid] = {"loss": result["loss"], "n_records": result["n_records"], "source": str(own)}
+            clients[cid] = {
+                "loss": result["loss"],
+                "n_records": result["n_records"],
+                "source": str(own),
+                "records": result.get("records"),  # per-record sums, for paired intervals
+            }
         elif global_test:
             result = score(adapters[cid], global_test)
             loss = weighted_loss(result, category_weights(train, global_test))
@@ -87,22 +92,13 @@ def evaluate_personal(
     return {"clients": clients, "mean_loss": mean}
 
 
-def evaluate_run(
-    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
+def evaluate_clients(
+    cfg: Any, host: Any, tokenizer: Any, prompter: Any, adapters: dict[str, Adapter],
     datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
 ) -> dict[str, Any]:  # fmt: skip
-    """``evaluate_personal`` at the end of ``florist run``: every client that has trained, with the
-    adapter it would continue from (the last broadcast, its own local factors)."""
+    """``evaluate_personal`` with ``florist run``'s held-out scoring; p_k are the data shares."""
     from florist.evaluation.heldout import heldout_loss
-    from florist.federation import client_id, truncate_adapter, with_local_factors
-
-    adapters = {}
-    for k in range(cfg.num_clients):
-        cid = client_id(k)
-        received = server.continuation(cid)
-        if cid in server.client_state and received is not None:
-            own = truncate_adapter(received, cfg.client_rank(k))
-            adapters[cid] = with_local_factors(own, server.client_state[cid], local_factors)
+    from florist.federation import client_id
 
     def score(adapter: Adapter, records: Sequence[dict]) -> dict[str, Any]:
         with host.use_adapter(adapter) as model:
@@ -114,3 +110,21 @@ def evaluate_run(
     total = sum(len(d) for d in datasets)
     weights = {client_id(k): len(d) / total for k, d in enumerate(datasets)}
     return evaluate_personal(adapters, datasets, global_test, score, data_path=cfg.data_path, weights=weights)
+
+
+def evaluate_run(
+    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
+    datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
+) -> dict[str, Any]:  # fmt: skip
+    """``evaluate_clients`` at the end of ``florist run``: every client that has trained, with the
+    adapter it would continue from (the last broadcast, its own local factors)."""
+    from florist.federation import client_id, truncate_adapter, with_local_factors
+
+    adapters = {}
+    for k in range(cfg.num_clients):
+        cid = client_id(k)
+        received = server.continuation(cid)
+        if cid in server.client_state and received is not None:
+            own = truncate_adapter(received, cfg.client_rank(k))
+            adapters[cid] = with_local_factors(own, server.client_state[cid], local_factors)
+    return evaluate_clients(cfg, host, tokenizer, prompter, adapters, datasets, global_test)

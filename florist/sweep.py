@@ -26,8 +26,9 @@ evaluated per method:
   dense average (the largest client's adapter, the same one ``florist run`` writes as adapter/);
 * FLoRA, FLoRIST: the broadcast adapter (rank Σr_k and p(τ));
 * FedEx-LoRA: the residual stacked with (B̄, Ā), the exact total the clients hold;
-* FedSA-LoRA: its global view, the average of the clients' updates (florist run also scores
-  each client's own model on its own records; the sweep does not);
+* FedSA-LoRA: its global view, the average of the clients' updates; and, as ``florist run``
+  does, each client's own model (base + s_k B_k Ā) on its own held-out records, under
+  ``eval_personal`` (florist.personalised);
 * RoLoRA, HetLoRA (at rank r_max), LoRA-FAIR: the broadcast adapter.
 
 With more than one round the methods diverge after round 1, so every configuration is trained
@@ -490,6 +491,12 @@ def _sweep_one_round(
                     method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds
                 )
                 row["client_init"] = group.client_init
+                if AGGREGATORS[method].local_factors and result.per_client and evaluate.heldout:
+                    from florist.personalised import evaluate_clients
+
+                    row["eval_personal"] = evaluate_clients(
+                        scfg, host, tokenizer, prompter, result.per_client, records, evaluate.heldout
+                    )
                 if len(inits_of[method]) > 1:  # the method runs under both inits: say which
                     row["label"] += f" ({group.client_init.replace('_', '-')} init)"
                 rows.append(row)
@@ -551,6 +558,9 @@ def _row_line(row: dict[str, Any]) -> str:
         parts.append(f"MMLU {100 * evaluation['mmlu']['accuracy_macro']:.2f}%")
     if evaluation.get("heldout"):
         parts.append(f"held-out loss {evaluation['heldout']['loss']:.4f}")
+    personal = (row.get("eval_personal") or {}).get("mean_loss")
+    if personal is not None:
+        parts.append(f"personalised loss {personal:.4f}")
     return ", ".join(parts)
 
 

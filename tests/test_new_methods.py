@@ -588,6 +588,41 @@ def test_fedsa_reports_personalised_and_global_evaluation(tmp_path, federated_da
     assert f"personalised held-out loss: {mean:.4f}" in format_summary(metrics)
 
 
+def test_sweep_scores_fedsa_clients_on_their_own_records_as_florist_run_does(tmp_path, federated_data):
+    """The one-round sweep's FedSA row carries eval_personal, and it equals a one-round
+    `florist run`'s: the same clients' models (Ā, B_k) on each client's local_test_<k>.json, with
+    the per-record sums that paired intervals need."""
+    import dataclasses
+    import json
+
+    from florist.federation import run_federated
+    from florist.models import tiny_llama
+    from florist.sweep import run_sweep
+
+    data = federated_data(3)
+    for k in range(3):  # each client's own held-out records
+        own = json.loads((data / "3" / f"local_training_{k}.json").read_text())[:2]
+        (data / "3" / f"local_test_{k}.json").write_text(json.dumps(own))
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(data, tmp_path / "sweep", method="fedsa", seed=5, evaluate=True, cutoff_len=512)
+    sweep = run_sweep(cfg, methods=["fedit", "fedsa"], thresholds="0.9", heter=(False,), report=False,
+                      progress=False, model_factory=lambda: tiny_llama(seed=0))  # fmt: skip
+    rows = {r["method"]: r for r in sweep["settings"][0]["rows"]}
+    assert "eval_personal" not in rows["fedit"]
+    got = rows["fedsa"]["eval_personal"]
+    model, tokenizer = tiny_llama(seed=0)
+    metrics = run_federated(dataclasses.replace(cfg, output_dir=str(tmp_path / "run")), model=model,
+                            tokenizer=tokenizer)  # fmt: skip
+    want = metrics["eval_personal"]
+    assert sorted(got["clients"]) == sorted(want["clients"]) == ["client_0", "client_1", "client_2"]
+    for cid, c in want["clients"].items():
+        assert got["clients"][cid]["loss"] == pytest.approx(c["loss"], rel=1e-9)
+        assert got["clients"][cid]["source"].endswith(f"local_test_{cid[-1]}.json")
+        assert len(got["clients"][cid]["records"]["loss_sum"]) == 2
+    assert got["mean_loss"] == pytest.approx(want["mean_loss"], rel=1e-9)
+
+
 # --- Flower: the same rounds, one factor on the wire ----------------------------------------
 
 
