@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from florist.aggregation import Adapter
+from florist.errors import FloristError
 
 
 def local_test_file(data_path: str | Path, num_clients: int, k: int) -> Path | None:
@@ -70,7 +71,11 @@ def evaluate_personal(
         own = local_test_file(data_path, len(client_records), k)
         if own is not None:
             records, _fmt = load_dataset_file(own)
-            result = score(adapters[cid], records)
+            try:
+                result = score(adapters[cid], records)
+            except FloristError as e:  # e.g. the cutoff leaves none of its responses to score
+                clients[cid] = {"loss": None, "n_records": 0, "source": str(own), "skipped": str(e)}
+                continue
             clients[cid] = {
                 "loss": result["loss"],
                 "n_records": result["n_records"],
