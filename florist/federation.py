@@ -505,6 +505,8 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
             )
         else:
             result = aggregator.aggregate(updates)
+            if dp:  # what the run releases is built from the uploads alone (FedSA: no B_k)
+                result = privacy.released_view(result, aggregator.sent_factors(rnd))
         aggregation_seconds = time.perf_counter() - t0
         communication = round_communication(result, updates, wire_dtype=wire_dtype)
         server.broadcast(result)

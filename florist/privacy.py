@@ -26,6 +26,10 @@ Two modes (``RunConfig.dp_mode``):
   FedAvg average, noise with ``compute_stdv(z, C, m)``) in the accounted mode Flower allows:
   equal client weights. It is valid only where the aggregate is that average
   (``Aggregator.linear_in_uploads``); otherwise one client's effect on the aggregate is not C/m.
+  What does not travel is not noised: it is the public start (RoLoRA's frozen factor, FFA's A)
+  or the client's own (FedSA's B_k, kept in its per-client result). A global view built from
+  the latter (FedSA's Σ p_k s_k B_k Ā) is not released under either mode: the view keeps the
+  (noised) average only (``released_view``).
   On Flower the server does not hold each node's round start, so each node clips its own upload
   and the server noises the uniform mean, as Flower's ``DifferentialPrivacyClientSideFixedClipping``
   does (the same mechanism, for honest clients); with ``secure_aggregation`` the server then
@@ -211,7 +215,25 @@ def noise_result(
 
     sliced = {cid: {n: share(a[n], n) for n in names} for cid, a in per_client.items()}
     adapter = largest if result.adapter is not None else None
-    return dataclasses.replace(result, adapter=adapter, per_client=sliced)
+    return released_view(dataclasses.replace(result, adapter=adapter, per_client=sliced), factors)
+
+
+def released_view(result: GlobalResult, factors: Sequence[Factor]) -> GlobalResult:
+    """The result with its global view (FedSA's Σ p_k s_k B_k Ā) cut to what travelled: the
+    travelling factors from the per-client average (noised, under central DP), the others zeros.
+    They do not travel (FedSA's B_k), so a server holds no such thing, and a view built from them
+    would be released without noise. On Flower they already are zeros."""
+    if result.global_view is None or not result.per_client:
+        return result
+    view = {}
+    for n, f in sorted(result.global_view.items()):
+        average = max((a[n] for a in result.per_client.values()), key=lambda g: g.rank)
+        if average.rank != f.rank:
+            raise ValueError(f"module {n!r}: the global view has rank {f.rank}, the average {average.rank}")
+        A = average.A if "A" in factors else torch.zeros_like(f.A)
+        B = average.B * (average.scaling / f.scaling) if "B" in factors else torch.zeros_like(f.B)
+        view[n] = LoraFactors(A=A.clone(), B=B.clone(), scaling=f.scaling)
+    return dataclasses.replace(result, global_view=view)
 
 
 def noised_mean(
@@ -320,8 +342,8 @@ def check_config(cfg: Any) -> str | None:
     if cfg.secure_aggregation and not linear:
         return (
             f"--secure_aggregation is not possible with {cfg.method}: it needs each client's individual "
-            "adapter (stacking, SVD or residuals), and secure aggregation shows the server only the sum "
-            f"of the uploads; it works with {_linear_methods()}"
+            "adapter (stacking, SVD, residuals or weights that depend on the uploads), and secure "
+            f"aggregation shows the server only the sum of the uploads; it works with {_linear_methods()}"
         )
     sampled = min(cfg.num_clients, max(cfg.min_clients, int(cfg.client_selection_frac * cfg.num_clients)))
     if cfg.secure_aggregation and sampled < 2:
@@ -343,7 +365,8 @@ def check_config(cfg: Any) -> str | None:
         if not linear:
             return (
                 f"--dp_mode central is not valid for {cfg.method}: it combines the clients' individual "
-                "adapters nonlinearly (stacking, SVD or residuals), so one client's effect on the aggregate "
+                "adapters nonlinearly (stacking, SVD, residuals or weights that depend on the uploads), "
+                "so one client's effect on the aggregate "
                 f"is not bounded by C/m; use --dp_mode local, or a method that averages its uploads "
                 f"({_linear_methods()})"
             )

@@ -321,7 +321,7 @@ def dp_config(**kw) -> RunConfig:
 
 
 def test_linear_methods_are_declared():
-    assert {"fedit", "ffa", "zeropad"} <= set(LINEAR)
+    assert {"fedit", "ffa", "zeropad", "fedsa", "rolora"} <= set(LINEAR)
     assert {"flora", "florist", "flexlora"} <= set(NONLINEAR)
 
 
@@ -382,7 +382,14 @@ def test_cli_refuses_central_dp_for_florist_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "method,mode,heter",
-    [("florist", "local", False), ("fedit", "central", False), ("zeropad", "central", True)],
+    [
+        ("florist", "local", False),
+        ("fedit", "central", False),
+        ("zeropad", "central", True),
+        ("fedsa", "central", True),
+        ("fedsa", "local", False),
+        ("rolora", "central", False),
+    ],
 )
 def test_run_writes_privacy_section(method, mode, heter, tmp_path, federated_data):
     from conftest import tiny_run_config
@@ -421,6 +428,14 @@ def test_run_writes_privacy_section(method, mode, heter, tmp_path, federated_dat
 
     assert f"epsilon {p['epsilon']:.3g}" in format_summary(metrics)
     assert f"ε = {p['epsilon']:.3g} at δ = 1e-06" in write_report(tmp_path / "out").read_text()
+    if method == "fedsa":  # the released view is the noised Ā alone; each client keeps its B_k
+        from florist.adapters import read_peft_adapter
+
+        view, _ = read_peft_adapter(tmp_path / "out" / "adapter")
+        assert all(not f.B.any() for f in view.values())
+        for cid in metrics["rounds"][-1]["clients"]:
+            own, _ = read_peft_adapter(tmp_path / "out" / "adapter" / "clients" / cid)
+            assert all(f.B.any() for f in own.values())
 
 
 # --- main.py and Flower ------------------------------------------------------------------------
@@ -619,6 +634,150 @@ def test_central_noise_leaves_what_does_not_travel_per_client():
         assert torch.equal(a["m"].B, per_client[cid]["m"].B)
 
 
+# --- central DP for the one-factor methods (FedSA-LoRA, RoLoRA) ---------------------------------
+
+
+def fedsa_round(g: torch.Generator, ranks: tuple[int, ...], *, scale: float = 1.0):
+    """FedSA uploads against their starts: the shared Ā₀ (client k its first r_k rows) and each
+    client's own B_k from before the round; each client has trained both."""
+    r = max(ranks)
+    A0 = {n: f.A for n, f in adapter(g, r).items()}
+    updates, starts = [], {}
+    for k, rank in enumerate(ranks):
+        own = adapter(g, rank)  # B_k before the round
+        cid = f"client_{k}"
+        starts[cid] = {n: LoraFactors(A=A0[n][:rank], B=f.B, scaling=f.scaling) for n, f in own.items()}
+        trained = {
+            n: LoraFactors(
+                A=A0[n][:rank] + scale * torch.randn(rank, 24, generator=g),
+                B=f.B + torch.randn(f.B.shape, generator=g),
+                scaling=f.scaling,
+            )
+            for n, f in own.items()
+        }
+        updates.append(ClientUpdate(cid, 3 + 2 * k, trained))
+    return updates, starts
+
+
+def clipped_A_average(updates, starts, clip_norm: float) -> dict[str, torch.Tensor]:
+    """Ā from the clipped A_k, uniformly weighted and zero-padded to the largest rank, computed
+    here from the travelling vector A - A₀ alone."""
+    total: dict[str, torch.Tensor] = {}
+    r = max(f.rank for u in updates for f in u.modules.values())
+    for u in updates:
+        v = travelling(u.modules, starts[u.client_id], ("A",))
+        factor = min(1.0, clip_norm / float(v.norm()))
+        for n, f in u.modules.items():
+            A = starts[u.client_id][n].A.double() + factor * (
+                f.A.double() - starts[u.client_id][n].A.double()
+            )
+            padded = torch.zeros(r, A.shape[1], dtype=torch.float64)
+            padded[: f.rank] = A
+            total[n] = total.get(n, 0) + padded / len(updates)
+    return total
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (4, 2, 3)])
+@pytest.mark.parametrize("clip_norm", [1e6, 0.5])
+def test_central_dp_fedsa_without_noise_is_the_average_of_the_clipped_A(ranks, clip_norm):
+    g = torch.Generator().manual_seed(11)
+    updates, starts = fedsa_round(g, ranks)
+    fedsa = get_aggregator("fedsa")
+    result, norms = privacy.central_aggregate(
+        fedsa, updates, starts, clip_norm=clip_norm, noise_multiplier=0.0, generator=g,
+        factors=fedsa.sent_factors(1),
+    )  # fmt: skip
+    expected = clipped_A_average(updates, starts, clip_norm)
+    for u in updates:
+        assert norms[u.client_id] == pytest.approx(
+            float(travelling(u.modules, starts[u.client_id], ("A",)).norm())
+        )
+        for n, f in result.per_client[u.client_id].items():
+            torch.testing.assert_close(f.A.double(), expected[n][: f.rank], rtol=0, atol=1e-12)
+            assert torch.equal(f.B.double(), u.modules[n].B.double())  # B_k: the client's own, untouched
+    if clip_norm > 1e3:  # nothing clipped: plain FedSA with uniform weights
+        plain = fedsa.aggregate(privacy.uniform_weights(updates))
+        for cid, a in plain.per_client.items():
+            for n, f in a.items():
+                torch.testing.assert_close(result.per_client[cid][n].A, f.A, rtol=0, atol=1e-12)
+    # The released global view is Ā alone: Σ p_k s_k B_k never travelled.
+    for n, f in result.global_view.items():
+        torch.testing.assert_close(f.A.double(), expected[n], rtol=0, atol=1e-12)
+        assert not f.B.any()
+
+
+def test_central_dp_fedsa_noises_A_with_z_c_over_m_and_never_B():
+    g = torch.Generator().manual_seed(12)
+    m, z, C = 3, 2.0, 0.5
+    A0 = torch.randn(64, 2048, generator=g)
+    starts = {
+        f"client_{k}": {"m": LoraFactors(A=A0, B=torch.randn(1024, 64, generator=g), scaling=2.0)}
+        for k in range(m)
+    }
+    updates = [ClientUpdate(cid, 4 + k, start) for k, (cid, start) in enumerate(starts.items())]
+    result, _ = privacy.central_aggregate(
+        get_aggregator("fedsa"), updates, starts, clip_norm=C, noise_multiplier=z, generator=g, factors=("A",)
+    )
+    noised = result.per_client["client_0"]["m"].A
+    assert abs(z_score_of_std(noised.double() - A0.double(), z * C / m)) < 5
+    for cid, a in result.per_client.items():  # one noised Ā for all, each its own B
+        assert torch.equal(a["m"].A, noised) and torch.equal(a["m"].B.float(), starts[cid]["m"].B)
+    assert torch.equal(result.global_view["m"].A, noised) and not result.global_view["m"].B.any()
+
+
+@pytest.mark.parametrize("round_index", [1, 2])
+def test_central_dp_rolora_noises_only_the_travelling_factor(round_index):
+    rolora = get_aggregator("rolora")
+    (trained,) = rolora.sent_factors(round_index)
+    frozen = "B" if trained == "A" else "A"
+    g = torch.Generator().manual_seed(13)
+    m, z, C, s = 3, 3.0, 0.2, 2.0
+    start = {
+        "m": LoraFactors(A=torch.randn(32, 1024, generator=g), B=torch.randn(512, 32, generator=g), scaling=s)
+    }
+    updates = []
+    for k in range(m):  # the frozen factor is the shared start, bit for bit
+        f = start["m"]
+        moved = {trained: getattr(f, trained) + torch.randn(getattr(f, trained).shape, generator=g) * 0.01}
+        updates.append(
+            ClientUpdate(
+                f"client_{k}", 2 + k, {"m": LoraFactors(**({"A": f.A, "B": f.B} | moved), scaling=s)}
+            )
+        )
+    starts = {u.client_id: start for u in updates}
+    result, _ = privacy.central_aggregate(
+        rolora, updates, starts, clip_norm=C, noise_multiplier=z, generator=g, factors=(trained,)
+    )
+    assert result.downloaded_factors == result.uploaded_factors == (trained,)
+    got = result.adapter["m"]
+    assert torch.equal(getattr(got, frozen).float(), getattr(start["m"], frozen))  # public, not noised
+    # The clipped uniform mean, here from the travelling vector alone, then the noise on it.
+    weight = 1.0 if trained == "A" else s  # B is clipped and noised after scaling
+    mean = 0
+    for u in updates:
+        v = travelling(u.modules, start, (trained,))
+        mean = mean + min(1.0, C / float(v.norm())) * v / m
+    noise = weight * (getattr(got, trained).double() - getattr(start["m"], trained).double()).flatten() - mean
+    assert abs(z_score_of_std(noise, z * C / m)) < 5
+
+
+def test_aggregate_mean_keeps_the_client_ids_and_the_rounds_factor():
+    g = torch.Generator().manual_seed(14)
+    mean = adapter(g, 4)
+    clients = [ClientUpdate(f"client_{k}", 2 + k, {}) for k in range(3)]
+    fedsa = get_aggregator("fedsa").aggregate_mean(mean, clients, 1)
+    assert set(fedsa.per_client) == {c.client_id for c in clients}
+    for a in fedsa.per_client.values():
+        for n, f in a.items():
+            torch.testing.assert_close(f.A, mean[n].A.double(), rtol=0, atol=1e-12)
+    for rnd, factor in ((1, "A"), (2, "B")):  # identical stand-ins share both: the round says which
+        result = get_aggregator("rolora").aggregate_mean(mean, clients, rnd)
+        assert result.downloaded_factors == result.uploaded_factors == (factor,)
+        assert result.options["trained_factor"] == factor
+        for n, f in result.adapter.items():
+            torch.testing.assert_close(f.delta(), mean[n].delta(), rtol=0, atol=1e-10)
+
+
 # --- secure aggregation (SecAgg+) ----------------------------------------------------------------
 
 
@@ -640,6 +799,22 @@ def assert_within_secagg_bound(flower_dir, inproc_dir, num_examples):
     return worst, bound
 
 
+def capture_replies(grid) -> list:
+    """Deliver each node its own copy of every message and collect the replies. A real grid
+    serialises every message; SecAgg+ sends one content object to all nodes and secaggplus_mod
+    pops from it, so in process each node needs its own copy."""
+    replies: list = []
+    deliver = grid.send_and_receive
+
+    def capture(messages, *, timeout=None):
+        out = deliver([copy.deepcopy(m) for m in messages], timeout=timeout)
+        replies.extend(out)
+        return out
+
+    grid.send_and_receive = capture
+    return replies
+
+
 @pytest.mark.parametrize("method", ["fedit", "ffa"])
 def test_secure_aggregation_on_the_fake_grid_equals_in_process(method, tmp_path, flower_identity):
     from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
@@ -656,17 +831,7 @@ def test_secure_aggregation_on_the_fake_grid_equals_in_process(method, tmp_path,
     expected = run_federated(cfg, model=model, tokenizer=tokenizer)
     fcfg = tiny_config(data, tmp_path / "flower", method, heter=False, rounds=1, secure_aggregation=True)
     grid = FakeGrid(fcfg, data, [fcfg.lora_r] * 3)
-    replies = []
-    deliver = grid.send_and_receive
-
-    def capture(messages, *, timeout=None):
-        # A real grid serialises every message; SecAgg+ sends one content object to all nodes and
-        # secaggplus_mod pops from it, so in process each node needs its own copy.
-        out = deliver([copy.deepcopy(m) for m in messages], timeout=timeout)
-        replies.extend(out)
-        return out
-
-    grid.send_and_receive = capture
+    replies = capture_replies(grid)
     metrics = run_flower_server(grid, fcfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
     assert metrics["flower"]["failures"] == []
     sizes = [s["num_examples"] for s in expected["rounds"][0]["client_stats"].values()]
@@ -678,6 +843,64 @@ def test_secure_aggregation_on_the_fake_grid_equals_in_process(method, tmp_path,
     assert not any(protocol.UPDATE in r.content.array_records for r in replies)
     assert any("secaggplus_configs" in r.content.config_records for r in replies)
     assert metrics["rounds"][0]["clients"] == expected["rounds"][0]["clients"]
+
+
+def max_difference(a, b) -> float:
+    """The largest difference of any factor of two adapter directories."""
+    from florist.adapters import read_peft_adapter
+
+    ours, theirs = read_peft_adapter(a)[0], read_peft_adapter(b)[0]
+    assert set(ours) == set(theirs)
+    return max(
+        float((getattr(ours[n], f).double() - getattr(theirs[n], f).double()).abs().max())
+        for n in ours
+        for f in ("A", "B")
+    )
+
+
+@pytest.mark.parametrize("method,rounds", [("fedsa", 1), ("fedsa", 2), ("rolora", 2)])
+def test_secure_aggregation_of_one_factor_equals_in_process(method, rounds, tmp_path, flower_identity):
+    """FedSA-LoRA and RoLoRA under SecAgg+ on the fake grid: only the round's travelling factor is
+    summed (FedSA: A, B_k stays on the node; RoLoRA: A, then B), and every node ends with the
+    in-process run's adapter for it, with the same bytes accounted. After one round that holds
+    within the quantisation bound. Round 2 trains from the quantised round-1 factor, and Adam turns
+    its ~5e-6 differences into up to ~1e-4 on what trains; a node that missed the round's average
+    (a B never broadcast, a B_k lost) would be off by the update itself, ~0.05 here."""
+    from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
+
+    from florist.adapters import read_peft_adapter
+    from florist.federation import run_federated
+    from florist.flower import protocol, secagg
+    from florist.flower.app_config import FlowerOptions
+    from florist.flower.server_app import run_flower_server
+    from florist.models import tiny_llama
+
+    data = write_tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "inproc", method, heter=False, rounds=rounds)
+    model, tokenizer = tiny_llama(seed=0)
+    expected = run_federated(cfg, model=model, tokenizer=tokenizer)
+    fcfg = tiny_config(data, tmp_path / "flower", method, heter=False, rounds=rounds, secure_aggregation=True)
+    grid = FakeGrid(fcfg, data, [fcfg.lora_r] * 3)
+    for k, context in enumerate(grid.contexts.values()):
+        context.node_config["output-dir"] = str(tmp_path / f"node{k}")
+    replies = capture_replies(grid)
+    metrics = run_flower_server(grid, fcfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
+    assert metrics["flower"]["failures"] == []
+    assert not any(protocol.UPDATE in r.content.array_records for r in replies)
+    sizes = [s["num_examples"] for s in expected["rounds"][0]["client_stats"].values()]
+    bound = secagg.quantisation_bound([n / max(sizes) for n in sizes]) + 1e-6
+    tolerance = bound if rounds == 1 else 1e-3
+    inproc = tmp_path / "inproc" / "adapter"
+    for k in range(3):  # FedSA: (Ā, B_k) on node k; RoLoRA: the global adapter on every node
+        theirs = inproc / "clients" / f"client_{k}" if method == "fedsa" else inproc
+        assert 0 < max_difference(tmp_path / f"node{k}", theirs) <= tolerance
+    for ours, theirs in zip(metrics["rounds"], expected["rounds"], strict=True):
+        assert ours["clients"] == theirs["clients"]
+        assert ours["communication"]["total"] == theirs["communication"]["total"]  # one factor each way
+        assert ours["wire"]["total"]["params_up"] == 0
+    if method == "rolora":  # A moved in round 1 only: it is round 1's secure mean
+        ours, theirs = (read_peft_adapter(d)[0] for d in (tmp_path / "flower" / "adapter", inproc))
+        assert max(float((ours[n].A - theirs[n].A).abs().max()) for n in ours) <= bound
 
 
 def test_secure_aggregation_with_local_dp_over_several_rounds(tmp_path, flower_identity):
@@ -712,10 +935,12 @@ def test_secure_aggregation_refuses_heterogeneous_ranks_and_single_clients():
         ).validate()
 
 
+@pytest.mark.parametrize("method", ["fedit", "fedsa", "rolora"])
 @pytest.mark.parametrize("secure", [False, True])
-def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, tmp_path, flower_identity):
+def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, method, tmp_path, flower_identity):
     """Central DP on Flower: the nodes clip (Flower's client-side fixed clipping), the server adds
-    N(0, (zC/m)²) to the uniform mean, also when SecAgg+ hid the uploads from it."""
+    N(0, (zC/m)²) to the uniform mean of what travels, also when SecAgg+ hid the uploads from it.
+    FedSA's adapter/ is the noised Ā with B = 0; RoLoRA's round-1 B is the public start, unnoised."""
     from test_flower_strategy import FakeGrid, tiny_config, write_tiny_data
 
     from florist.adapters import read_peft_adapter
@@ -725,7 +950,7 @@ def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, tmp_path, 
     data = write_tiny_data(tmp_path / "data")
     C, z, m = 1e-3, 3e5, 3  # noise std zC/m = 100 dwarfs the start (|x| < 1) and the clipped mean (<= C)
     cfg = tiny_config(
-        data, tmp_path / "flower", "fedit", heter=False, rounds=1, dp_clip_norm=C, dp_noise_multiplier=z,
+        data, tmp_path / "flower", method, heter=False, rounds=1, dp_clip_norm=C, dp_noise_multiplier=z,
         dp_mode="central", secure_aggregation=secure,
     )  # fmt: skip
     grid = FakeGrid(cfg, data, [cfg.lora_r] * m)
@@ -735,12 +960,23 @@ def test_central_dp_on_flower_noises_the_mean_with_z_c_over_m(secure, tmp_path, 
     )
     metrics = run_flower_server(grid, cfg, FlowerOptions(round_timeout=5, node_wait_timeout=1))
     adapter, _ = read_peft_adapter(tmp_path / "flower" / "adapter")
-    A = torch.cat([f.A.double().flatten() for f in adapter.values()])
-    sB = torch.cat([(f.scaling * f.B.double()).flatten() for f in adapter.values()])
+    travelled = {
+        "A": torch.cat([f.A.double().flatten() for f in adapter.values()]),
+        "B": torch.cat([(f.scaling * f.B.double()).flatten() for f in adapter.values()]),
+    }
     std = z * C / m
-    for x in (A, sB):  # the start and the clipped mean move the RMS by at most 1/std relative
-        rms = float(x.square().mean().sqrt())
-        assert abs(rms / std - 1) < 6 / math.sqrt(2 * x.numel()) + 1 / std, (rms, std)
+    sent = get_aggregator(method).sent_factors(1)
+    for factor in sent:  # the start and the clipped mean move the RMS by at most 1/std relative
+        rms = float(travelled[factor].square().mean().sqrt())
+        assert abs(rms / std - 1) < 6 / math.sqrt(2 * travelled[factor].numel()) + 1 / std, (rms, std)
+    if method == "fedsa":  # B_k never reached the server: the global view is (Ā + noise, 0)
+        assert not travelled["B"].any()
+    if method == "rolora":  # B did not travel in round 1: the shared start (rescaled to s), no noise
+        shapes = {n: (f.out_features, f.in_features) for n, f in adapter.items()}
+        start = get_aggregator("rolora").initial_adapter(shapes, cfg.lora_r, cfg.seed)
+        for n, f in adapter.items():
+            torch.testing.assert_close(f.scaling * f.B, start[n].scaling * start[n].B, rtol=1e-6, atol=1e-7)
+    assert metrics["flower"]["failures"] == []
     assert metrics["privacy"]["mode"] == "central"
     assert metrics["privacy"]["epsilon"] == privacy.epsilon(z, 1, cfg.dp_delta)
 

@@ -89,7 +89,8 @@ class GlobalResult:
     # while it continues training from ``adapter``; base_update + adapter is the exact total.
     base_update: Adapter | None = None
     # The server's one view of the global model when clients hold different adapters (FedSA:
-    # the average of the clients' updates); evaluated and written as adapter/.
+    # the average of the clients' updates); evaluated and written as adapter/. Its travelling
+    # factors are the round's average; under DP it keeps only those (privacy.released_view).
     global_view: Adapter | None = None
 
     @property
@@ -121,9 +122,11 @@ class Aggregator(ABC):
     # overrides it within client_inits.
     client_init: ClassVar[str] = "per_client"
     client_inits: ClassVar[tuple[str, ...]] = ("shared", "per_client")
-    # The aggregate is a fixed average of the uploaded factors, so clipping each upload to C
-    # bounds one client's effect on it by C/m: central DP and secure aggregation (which shows the
-    # server only the sum) apply. False where the individual adapters are needed (florist.privacy).
+    # What travels back is a fixed average of what travelled up (``sent_factors``), and the rest
+    # of the result is public (the round's start) or the client's own (``local_factors``). Then
+    # clipping each upload to C bounds one client's effect on the aggregate by C/m, and the sum of
+    # the uploads is all the server needs: central DP and secure aggregation apply. False where
+    # the individual adapters are needed (florist.privacy).
     linear_in_uploads: ClassVar[bool] = False
     # Per-client state: the factors each client keeps from its own training across rounds and
     # never sends (FedSA-LoRA: B). A driver that cannot keep per-client state must refuse these.
@@ -169,6 +172,15 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         """Combine the client updates of one round into what the server broadcasts."""
+
+    def aggregate_mean(
+        self, mean: Adapter, clients: Sequence[ClientUpdate], round_index: int
+    ) -> GlobalResult:
+        """The round's result when the server holds only the average of the uploads (secure
+        aggregation), ``mean`` with the factors that did not travel filled in as the server knows
+        them. Valid for ``linear_in_uploads`` methods: their aggregate of ``clients`` each uploading
+        ``mean`` is ``mean`` itself, and per-client results keep the clients' ids."""
+        return self.aggregate([ClientUpdate(c.client_id, c.num_examples, mean) for c in clients])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dtype={self.dtype})"

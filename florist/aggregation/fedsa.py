@@ -8,7 +8,13 @@ none) A is zero-padded to r_max before averaging and client k receives Ā[:r_k],
 The result holds one adapter per client, (Ā[:r_k], B_k, s_k), and a global view for evaluation:
 the average of the clients' updates after the round, Σ p_k s_k B_k Ā[:r_k], kept factored as
 B = Σ p_k s_k pad(B_k) and A = Ā (scaling 1). A real server never sees B_k, so only an
-in-process run (or ``florist aggregate``, which reads the whole adapters) can form it.
+in-process run (or ``florist aggregate``, which reads the whole adapters) can form it; on Flower
+B_k is zeros to the server and the view is (Ā, 0).
+
+Central DP and secure aggregation apply (``linear_in_uploads``): what travels back, Ā, is a fixed
+average of what travelled up, and B_k is the client's own. Under DP (either mode) the view keeps
+only the (noised) Ā, with B = 0, in florist run as on Flower: Σ p_k s_k B_k is not part of any
+upload, so releasing it would not be covered by the noise (``florist.privacy.released_view``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class FedSA(Aggregator):
     uploaded_factors = ("A",)
     local_factors = ("B",)
     client_init = "shared"  # one global A to start from, as in the authors' code
+    linear_in_uploads = True  # Ā is the average of the uploaded A_k
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

@@ -9,6 +9,11 @@ The server does not trust the alternation: it finds which factor every client sh
 and averages the other; if neither is shared the round is refused (the average would not be
 exact). Homogeneous ranks and one scaling only: the paper gives no rule otherwise.
 
+Central DP and secure aggregation apply (``linear_in_uploads``): the trained factor's average is
+all that travels back, and the frozen one is the public start. When the server holds only that
+average (secure aggregation), every stand-in upload shares both factors, so the round's declaration
+(``trained_factors``) says which one trained (``aggregate_mean``).
+
 Round 1 needs a shared start in which B is non-zero (with B = 0, A gets no gradient). The paper
 leaves the init open; we start from A = 0 and a Kaiming-uniform B drawn from the run's seed
 (``initial_adapter``), so the first global model is the base model, as with a usual LoRA init.
@@ -16,6 +21,7 @@ leaves the init open; we start from A = 0 and a Kaiming-uniform B drawn from the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -46,6 +52,7 @@ class RoLoRA(Aggregator):
     supports_heterogeneous = False
     client_init = "shared"
     client_inits = ("shared",)  # exactness needs the frozen factor shared from round 1 on
+    linear_in_uploads = True  # the trained factor's average; the frozen one is the public start
 
     @classmethod
     def trained_factors(cls, round_index: int) -> tuple[Factor, ...]:
@@ -61,6 +68,19 @@ class RoLoRA(Aggregator):
             torch.nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=g)
             out[name] = LoraFactors(A=torch.zeros(rank, in_features), B=B, scaling=1.0)
         return out
+
+    def aggregate_mean(
+        self, mean: Adapter, clients: Sequence[ClientUpdate], round_index: int
+    ) -> GlobalResult:
+        result = super().aggregate_mean(mean, clients, round_index)
+        # Identical stand-ins share both factors, so aggregate took A; the declaration knows.
+        (trained,) = self.trained_factors(round_index)
+        return dataclasses.replace(
+            result,
+            downloaded_factors=(trained,),
+            uploaded_factors=(trained,),
+            options={**result.options, "trained_factor": trained},
+        )
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator

@@ -2,8 +2,10 @@
 
 With ``secure_aggregation`` the server learns only the weighted sum of the uploads of a round,
 never one client's adapter. That suffices exactly for the methods whose aggregate is an average of
-the uploads (``Aggregator.linear_in_uploads``: FedIT, FFA-LoRA), so the others are refused
-(``florist.privacy.check_config``), as are heterogeneous ranks (SecAgg+ sums vectors of one shape).
+the uploads (``Aggregator.linear_in_uploads``: FedIT, FFA-LoRA, zero-padding, FedSA-LoRA, RoLoRA),
+so the others are refused (``florist.privacy.check_config``), as are heterogeneous ranks (SecAgg+
+sums vectors of one shape). Only the round's ``sent_factors`` are summed (FedSA: A; RoLoRA: the
+factor trained this round).
 
 A round has two steps:
 
@@ -19,9 +21,10 @@ A round has two steps:
 Under central DP each node clips its upload and weighs it 1, and the server adds N(0, (zC/m)²) to
 the unmasked mean (``florist.privacy.noised_mean``); under local DP the nodes noise before masking.
 
-The average is then turned into the round's result by the method's own aggregator applied to it as
-a single upload (the average of one upload is itself), so the broadcast, checkpoint and metrics
-are exactly those of a normal round.
+The average, with the factors that did not travel filled in as the server holds them (RoLoRA's
+frozen factor: the round's start; FedSA's B_k: zeros, as in every Flower round), is then turned
+into the round's result by the method's own ``Aggregator.aggregate_mean``, so the broadcast,
+checkpoint and metrics are exactly those of a normal round.
 
 Quantisation (Flower's defaults, ``clipping_range`` 8 and ``quantization_range`` 2**22): each
 weighted value w_k x_k (|x| <= 8) is rounded stochastically to a step of 16 / 2**22, so every
@@ -209,7 +212,7 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
             f"round {rnd}: secure aggregation did not complete for every client that trained "
             f"({len(bridge.failures)} failure(s): {'; '.join(str(f) for f in bridge.failures)[:300]})"
         )
-    factors = tuple(strategy.aggregator.uploaded_factors)
+    factors = tuple(strategy.aggregator.sent_factors(rnd))
     if strategy.aggregator.frozen_A and strategy.frozen_A is None:
         from florist.training import ffa_frozen_A
 
@@ -232,12 +235,13 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
         average,
         common,
         factors=factors,
-        frozen_A=strategy.frozen_A,
+        frozen_A=strategy.frozen_A if strategy.aggregator.frozen_A else None,
         expected_shapes=strategy.module_shapes,
         sender=f"round {rnd}, the secure sum",
+        # homogeneous ranks: every node's held factors are the same
+        fill=strategy._held(strategy.nodes[node_ids[0]]) if factors != ("A", "B") else None,
     )
-    # The average of the uploads, aggregated as the method's one upload: the same result object.
-    result = strategy.aggregator.aggregate([ClientUpdate("secure-sum", 1, modules)])
+    result = strategy.aggregator.aggregate_mean(modules, trained, rnd)
     if central:  # the nodes clipped and weighed themselves 1: noise the mean here
         result = privacy.noised_mean(result, strategy.aggregator, strategy.cfg, rnd, len(trained))
     # For florist's byte accounting, every client uploaded what the sum has (same shapes).
