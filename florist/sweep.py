@@ -337,10 +337,12 @@ def train_clients(
     client_init: str = "per_client",
     progress: bool = True,
     method: str | None = None,
+    keep_start: bool = False,
 ) -> list[Any]:
     """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg.
 
-    ``method`` (any of its training group) gives the round-1 start and frozen factors (RoLoRA)."""
+    ``method`` (any of its training group) gives the round-1 start and frozen factors (RoLoRA);
+    ``keep_start`` keeps each client's start in its result (DP clips the change from it)."""
     from florist.federation import ServerState, _start, client_id, frozen_factors, sample_clients
     from florist.training import ffa_frozen_A
 
@@ -368,6 +370,7 @@ def train_clients(
                 seed=cfg.seed,
                 frozen_A={n: a[:rank] for n, a in frozen.items()} if frozen is not None else None,
                 shared_init_rank=r_max if client_init == "shared" else None,
+                keep_start=keep_start,
             )
         )
     return results

@@ -999,3 +999,60 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
     (tmp_path / "bad.yaml").write_text("dp_delta: tiny\n")
     with pytest.raises(ConfigError, match="dp_delta must be a finite number, got 'tiny'"):
         RunConfig.from_yaml(tmp_path / "bad.yaml").validate()
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "florist"])
+def test_one_training_noised_per_configuration_is_florist_runs_local_dp(
+    method, tmp_path, federated_data, monkeypatch
+):
+    """bench/privacy_results.py trains each group once (florist.sweep.train_clients with
+    keep_start) and privatizes the uploads per configuration. With the noise switched off in
+    both, that equals a one-round `florist run` under local DP: the same clipped uploads from the
+    same starts, the same aggregate (C small enough that every upload is clipped)."""
+    from conftest import tiny_run_config
+
+    from florist.adapters import read_peft_adapter
+    from florist.data import Prompter, load_client_datasets, tokenize_dataset
+    from florist.federation import run_federated
+    from florist.lora import LoraHost
+    from florist.models import tiny_llama
+    from florist.sweep import eval_adapter, train_clients, training_groups
+    from florist.training import LocalTrainer, TrainConfig
+
+    monkeypatch.setattr(privacy, "add_noise_", lambda parts, std, generator: None)
+    options = {"threshold": 0.9} if method == "florist" else {}
+    cfg = tiny_run_config(federated_data(3), tmp_path / "run", method=method, seed=7, dp_clip_norm=1e-3,
+                          dp_noise_multiplier=1.0, dp_delta=1e-5, **options)  # fmt: skip
+    model, tokenizer = tiny_llama(seed=0)
+    metrics = run_federated(cfg, model=model, tokenizer=tokenizer)
+    assert metrics["rounds"][0]["privacy"]["clipped"] == 3
+    want, _ = read_peft_adapter(tmp_path / "run" / "adapter")
+
+    model, tokenizer = tiny_llama(seed=0)
+    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), torch.device("cpu"))
+    records = load_client_datasets(cfg.data_path, cfg.num_clients, seed=cfg.seed)
+    examples = [
+        tokenize_dataset(
+            r,
+            tokenizer,
+            cutoff_len=cfg.cutoff_len,
+            train_on_inputs=cfg.train_on_inputs,
+            prompter=Prompter("alpaca"),
+        )
+        for r in records
+    ]
+    (group,) = training_groups([method])
+    trained = train_clients(host, trainer, cfg, examples, frozen_A=group.frozen_A, client_init=group.client_init,
+                            method=method, keep_start=True, progress=False)  # fmt: skip
+    aggregator = get_aggregator(method, **options)
+    factors = aggregator.sent_factors(1)
+    g = privacy.noise_generator()
+    uploads = [privacy.privatize_upload(r.update, r.start, factors, clip_norm=1e-3, noise_multiplier=1.0,
+                                        generator=g)[0] for r in trained]  # fmt: skip
+    got = eval_adapter(privacy.released_view(aggregator.aggregate(uploads), factors))
+    assert got.keys() == want.keys()
+    for name in want:
+        delta_want = want[name].scaling * want[name].B.double() @ want[name].A.double()
+        delta_got = got[name].scaling * got[name].B.double() @ got[name].A.double()
+        assert torch.allclose(delta_got, delta_want, rtol=1e-5, atol=1e-9), name
