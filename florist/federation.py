@@ -507,6 +507,7 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
             result = aggregator.aggregate(updates)
             if dp:  # what the run releases is built from the uploads alone (FedSA: no B_k)
                 result = privacy.released_view(result, aggregator.sent_factors(rnd))
+        result = aggregator.for_round(result, rnd)
         aggregation_seconds = time.perf_counter() - t0
         communication = round_communication(result, updates, wire_dtype=wire_dtype)
         server.broadcast(result)

@@ -404,6 +404,36 @@ def test_fedsa_clients_keep_their_own_B_across_rounds_and_a_resume(tmp_path, fed
         assert a == (tmp_path / "part" / rel / "adapter_model.safetensors").read_bytes(), rel
 
 
+def test_rolora_with_one_client_per_round_sends_the_factor_of_the_round(
+    tmp_path, federated_data, monkeypatch
+):
+    """One upload shares both of its factors with itself, so the uploads cannot say which trained;
+    the round's declaration does (Aggregator.for_round): B goes down after an even round. With two
+    clients the uploads decide, whatever the round says."""
+    rolora = get_aggregator("rolora")
+    one = make_updates((4,), seed=2)
+    assert rolora.for_round(rolora.aggregate(one), 1).downloaded_factors == ("A",)
+    assert rolora.for_round(rolora.aggregate(one), 2).downloaded_factors == ("B",)
+    assert rolora.for_round(rolora.aggregate(one), 2).uploaded_factors == ("B",)
+    shared_A = make_updates((4, 4), seed=3)
+    shared_A[1].modules = {
+        n: LoraFactors(A=shared_A[0].modules[n].A, B=f.B, scaling=f.scaling)
+        for n, f in shared_A[1].modules.items()
+    }
+    assert rolora.for_round(rolora.aggregate(shared_A), 1).downloaded_factors == ("B",)
+
+    calls = spy_training(monkeypatch)
+    cfg, metrics = tiny_run(
+        federated_data(3), tmp_path / "out", "rolora", 2, client_selection_frac=0.34, min_clients=1
+    )
+    for rnd, trained in ((1, "A"), (2, "B")):
+        (cid,) = metrics["rounds"][rnd - 1]["clients"]
+        (call,) = [c for c in calls if c["round_index"] == rnd]
+        size = sum(getattr(f, trained).numel() for f in call["update"].modules.values())
+        comm = metrics["rounds"][rnd - 1]["communication"]["clients"][cid]
+        assert comm["params_up"] == comm["params_down"] == size, rnd
+
+
 def test_rolora_run_alternates_and_sends_one_factor(tmp_path, federated_data, monkeypatch):
     """Invariant: in odd rounds only A changes (B stays the shared start bit for bit), in even
     rounds only B; the broadcast is the exact average of the clients' updates; only the trained

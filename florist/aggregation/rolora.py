@@ -10,9 +10,10 @@ and averages the other; if neither is shared the round is refused (the average w
 exact). Homogeneous ranks and one scaling only: the paper gives no rule otherwise.
 
 Central DP and secure aggregation apply (``linear_in_uploads``): the trained factor's average is
-all that travels back, and the frozen one is the public start. When the server holds only that
-average (secure aggregation), every stand-in upload shares both factors, so the round's declaration
-(``trained_factors``) says which one trained (``aggregate_mean``).
+all that travels back, and the frozen one is the public start. When the uploads share
+both factors (a round with one client, or secure aggregation's identical stand-ins for the
+average), they do not say which one trained: the round's declaration (``trained_factors``) does
+(``for_round``).
 
 Round 1 needs a shared start in which B is non-zero (with B = 0, A gets no gradient). The paper
 leaves the init open; we start from A = 0 and a Kaiming-uniform B drawn from the run's seed
@@ -69,11 +70,11 @@ class RoLoRA(Aggregator):
             out[name] = LoraFactors(A=torch.zeros(rank, in_features), B=B, scaling=1.0)
         return out
 
-    def aggregate_mean(
-        self, mean: Adapter, clients: Sequence[ClientUpdate], round_index: int
-    ) -> GlobalResult:
-        result = super().aggregate_mean(mean, clients, round_index)
-        # Identical stand-ins share both factors, so aggregate took A; the declaration knows.
+    def for_round(self, result: GlobalResult, round_index: int) -> GlobalResult:
+        # Uploads that share both factors (one client; SecAgg's identical stand-ins) do not say
+        # which one trained, and aggregate took A: the round's declaration knows.
+        if not result.options.get("both_shared"):
+            return result
         (trained,) = self.trained_factors(round_index)
         return dataclasses.replace(
             result,
@@ -86,6 +87,7 @@ class RoLoRA(Aggregator):
         names = sorted(updates[0].modules)  # validated by Aggregator
         p = client_weights(updates, self.dtype)
         trained: Factor | None = None
+        both_shared = True
         for name in names:
             scalings = {u.modules[name].scaling for u in updates}
             if len(scalings) > 1:
@@ -93,9 +95,9 @@ class RoLoRA(Aggregator):
                     f"module {name!r}: RoLoRA needs one scaling for all clients, got {sorted(scalings)}"
                 )
             # The shared factor is the frozen one; A first when both are (then all updates agree).
-            here: Factor | None = (
-                "A" if _shared(updates, name, "B") else "B" if _shared(updates, name, "A") else None
-            )
+            shared_A, shared_B = _shared(updates, name, "A"), _shared(updates, name, "B")
+            both_shared = both_shared and shared_A and shared_B
+            here: Factor | None = "A" if shared_B else "B" if shared_A else None
             if here is None or (trained is not None and here != trained):
                 raise ValueError(
                     f"module {name!r}: RoLoRA needs every client to share one frozen factor "
@@ -122,5 +124,5 @@ class RoLoRA(Aggregator):
             adapter=adapter,
             downloaded_factors=(trained,),
             uploaded_factors=(trained,),
-            options={"trained_factor": trained},
+            options={"trained_factor": trained, "both_shared": both_shared},
         )

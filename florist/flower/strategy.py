@@ -349,6 +349,7 @@ class FloristStrategy(FedAvg):
             result = privacy.noised_mean(result, self.aggregator, self.cfg, rnd, len(ordered))
         else:
             result = self.aggregator.aggregate(ordered)
+        result = self.aggregator.for_round(result, rnd)
         return self.finish_round(rnd, ordered, stats, uploads, result, time.perf_counter() - t0)
 
     def collect(
