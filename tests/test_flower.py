@@ -26,13 +26,15 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow]
 RUN_TIMEOUT = 3600.0
 
 
-def start_federation(work: Path, data: Path) -> LocalFederation:
+def start_federation(work: Path, data: Path, extra: dict[int, dict] | None = None) -> LocalFederation:
+    """A SuperLink and one SuperNode per client; ``extra``: more node config by partition."""
     fed = LocalFederation(work)
     try:
         fed.start_superlink()
         for k, rank in enumerate(RANKS):
             fed.start_supernode(
                 {"partition-id": k, "num-partitions": len(RANKS), "lora-rank": rank, "data-path": str(data)}
+                | (extra or {}).get(k, {})
             )
     except BaseException:
         fed.close()
@@ -98,13 +100,16 @@ def test_flower_run_equals_in_process_run(federation, method, heter):
 def test_supernode_killed_mid_round(tmp_path):
     """min-clients=2: round 2 finishes with the two survivors once the SuperLink reports the dead
     node (missed heartbeats), an event, not a timeout: the round timeout is far above any round.
-    The checkpoint of round 1 stays valid throughout; the failure is recorded once, with its cause."""
+    The checkpoint of round 1 stays valid throughout; the failure is recorded once, with its cause.
+    client_2 stalls at the start of round 2 (hold-in-round) until it is killed, so however busy the
+    machine, it cannot finish round 2 before the kill."""
     data = write_tiny_data(tmp_path / "data")
     app = write_app_project(tmp_path / "app")
     out = tmp_path / "flower"
     cfg = tiny_config(data, out, "florist", heter=True, min_clients=2)
     options = FlowerOptions(round_timeout=RUN_TIMEOUT, node_wait_timeout=RUN_TIMEOUT)
-    with start_federation(tmp_path / "processes", data) as fed:
+    hold = {2: {"hold-in-round": 2, "resume-file": str(tmp_path / "never")}}
+    with start_federation(tmp_path / "processes", data, hold) as fed:
         run_id = fed.start_run(app, run_config_values(cfg, options))
         deadline = time.monotonic() + RUN_TIMEOUT
         while load_checkpoint(out) is None:  # round 1 done and checkpointed

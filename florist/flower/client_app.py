@@ -98,6 +98,22 @@ def node_settings(context: Context) -> tuple[RunConfig, NodeSettings]:
     return cfg, settings
 
 
+def _hold_if_asked(node_config: dict[str, Any], rnd: int) -> None:
+    """Fault injection: with ``hold-in-round`` = r, the node stalls before training in round r until
+    ``resume-file`` exists, as a hung machine would. A test can then kill it mid-round on an event,
+    not by racing the round (tests/test_flower.py)."""
+    import time
+
+    hold = _int_setting(node_config, "hold-in-round")
+    if hold is None or hold != rnd:
+        return
+    if not node_config.get("resume-file"):
+        raise ConfigError("node config hold-in-round needs resume-file (the path that releases the node)")
+    resume = Path(str(node_config["resume-file"]))
+    while not resume.exists():
+        time.sleep(0.2)
+
+
 # --- node state: merged global adapters and FFA's frozen A -------------------------------------
 
 
@@ -243,6 +259,7 @@ def train(message: Message, context: Context) -> Message:
     cfg, node = node_settings(context)
     config = message.content[protocol.CONFIG]
     rnd, k = int(config["round"]), node.partition_id
+    _hold_if_asked(dict(context.node_config), rnd)
 
     model, tokenizer = _load_model(cfg)
     host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
