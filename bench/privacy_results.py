@@ -47,7 +47,7 @@ from results import BUDGETS, base_config, compare, fmt_ci, prepare_data  # noqa:
 
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
 from florist.report import METHOD_LABELS  # noqa: E402
-from florist.stats import heldout_comparison, heldout_records, paired_bootstrap_ci  # noqa: E402
+from florist.stats import heldout_comparison  # noqa: E402
 
 METHODS = ("fedit", "ffa", "flora", "florist")
 TAU = 0.9
@@ -135,13 +135,19 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
 
 
 def analyse(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each row's loss and CI, its paired difference to the base and to the same method without DP."""
+    """Each row's loss and CI, its paired difference to the base and to the same method without DP;
+    FFA-LoRA's rows also to each other method at the same noise level and draw."""
     nodp = {r["method"]: r for r in raw["rows"] if r["noise_multiplier"] is None}
+    same = {(r["method"], r["noise_multiplier"], r["draw"]): r for r in raw["rows"]}
     out = []
     for r in raw["rows"]:
         refs = {"base": raw["base_eval"]}
         if r["noise_multiplier"] is not None:
             refs["nodp"] = nodp[r["method"]]["eval"]
+        if r["method"] == "ffa":
+            for m in (m for m in METHODS if m != "ffa"):
+                other = same.get((m, r["noise_multiplier"], r["draw"]))
+                refs[m] = other["eval"] if other else None
         out.append({k: v for k, v in r.items() if k != "eval"} | heldout_comparison(r["eval"], refs))
     return out
 
@@ -172,30 +178,26 @@ def beyond_draws(d: float, spreads: list[float | None]) -> str:
     return f"; within the {spread:.4f}-nat {what}, so not a conclusion"
 
 
-def conclusions(raw: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def conclusions(rows: list[dict[str, Any]]) -> list[str]:
     """Per level: each method's damage (vs its own no-DP model), and FFA-LoRA against the others,
     each set against the spread of two noise draws on the same uploads."""
     lines = []
     spread = draw_spread(rows)
-    by = {(r["method"], r["noise_multiplier"], r["draw"]): (r, e) for r, e in zip(rows, raw["rows"])}
+    by = {(r["method"], r["noise_multiplier"], r["draw"]): r for r in rows}
     levels = sorted({r["noise_multiplier"] for r in rows if r["noise_multiplier"] is not None})
     for z in levels:
         eps = next(r["epsilon"] for r in rows if r["noise_multiplier"] == z)
         for method in METHODS:
-            row, _ = by[(method, z, 0)]
+            row = by[(method, z, 0)]
             d = row["delta_vs_nodp"]
             lines.append(
                 compare(d, row["delta_vs_nodp_ci95"], f"At z={z:g} (ε={eps:.3g}), {METHOD_LABELS[method]}",
                         "without DP") + beyond_draws(d, [spread.get((method, z))]) + "."
             )  # fmt: skip
-        ffa, ffa_raw = by[("ffa", z, 0)]
+        ffa = by[("ffa", z, 0)]
         for method in ("fedit", "flora", "florist"):
-            other, other_raw = by[(method, z, 0)]
-            la, tokens = heldout_records(ffa_raw["eval"])
-            lb, _ = heldout_records(other_raw["eval"])
-            d = ffa["heldout_loss"] - other["heldout_loss"]
-            ci = list(paired_bootstrap_ci(la, lb, tokens))
-            lines.append(compare(d, ci, f"At z={z:g}, FFA-LoRA", METHOD_LABELS[method])
+            d = ffa[f"delta_vs_{method}"]
+            lines.append(compare(d, ffa[f"delta_vs_{method}_ci95"], f"At z={z:g}, FFA-LoRA", METHOD_LABELS[method])
                          + " (other uploads)" + beyond_draws(d, [spread.get(("ffa", z)), spread.get((method, z))])
                          + ".")  # fmt: skip
     ranks = {
@@ -332,7 +334,7 @@ def main() -> None:
         "budget": raw["budget"],
         "delta": raw["delta"],
         "base_heldout_loss": float(raw["base_eval"]["heldout"]["loss"]),
-        "conclusions": conclusions(raw, rows),
+        "conclusions": conclusions(rows),
         "rows": rows,
     }
     docs.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from results import (  # noqa: E402
     BUDGETS,
     SHARED,
     base_config,
+    beyond_seeds,
     compare,
     fmt_ci,
     prepare_data,
@@ -105,16 +106,16 @@ def analyse(out: Path, budget: dict[str, Any], n_global: int) -> dict[str, Any]:
         base = raw["base_eval"]
         rows_raw = {r["method"]: r for r in raw["rows"]}
         flora = rows_raw["flora"]
+        reference = "fedit" if "fedit" in rows_raw else "zeropad"  # the plain average, same uploads
         rows = []
         for method, r in rows_raw.items():
             same = r["client_init"] == flora["client_init"] and method != "rolora"
+            refs = {"base": base, "flora": flora["eval"], reference: rows_raw[reference]["eval"]}
             row = {
                 "method": method,
                 "label": METHOD_LABELS[method],
                 "client_init": r["client_init"],
-                **heldout_comparison(
-                    r["eval"], {"base": base, "flora": None if method == "flora" else flora["eval"]}
-                ),
+                **heldout_comparison(r["eval"], {k: v for k, v in refs.items() if k != method}),
                 "flora_reference": "same uploads" if same else "other uploads (RoLoRA trains A alone)",
                 "eff": float(r["eff"]),
                 "rank_total": int(r["rank_total"]),
@@ -128,7 +129,6 @@ def analyse(out: Path, budget: dict[str, Any], n_global: int) -> dict[str, Any]:
                     "clients": {cid: c["loss"] for cid, c in r["eval_personal"]["clients"].items()},
                     "vs_own_global_view": paired_on(mine, by_index(r["eval"]["heldout"])),
                 }
-                reference = "fedit" if "fedit" in rows_raw else "zeropad"
                 row["personalised"][f"vs_{reference}"] = paired_on(
                     mine, by_index(rows_raw[reference]["eval"]["heldout"])
                 )
@@ -144,7 +144,6 @@ def analyse(out: Path, budget: dict[str, Any], n_global: int) -> dict[str, Any]:
                     {k: g[k] for k in ("client_init", "frozen_A", "methods")} for g in raw["training_groups"]
                 ],
                 "rows": rows,
-                "_raw": rows_raw,
             }
         )
     return {"settings": settings}
@@ -197,21 +196,11 @@ def conclusions(result: dict[str, Any], noise: float | None) -> list[str]:
                 )
             else:
                 text = compare(r["delta_vs_flora"], r["delta_vs_flora_ci95"], what, "FLoRA (shared init)")
-                if noise is not None:
-                    text += (
-                        f"; {'larger' if abs(r['delta_vs_flora']) > noise else 'smaller'} than the {noise:.4f}-nat "
-                        "spread a second training seed shows in the main experiment"
-                        + ("" if abs(r["delta_vs_flora"]) > noise else ", so not a conclusion")
-                    )
-                lines.append(text + ".")
+                lines.append(text + beyond_seeds(r["delta_vs_flora"], noise) + ".")  # the main table's seeds
             for ref in ("fedit", "zeropad"):
                 if ref in rows and r["flora_reference"] == "same uploads":
-                    raw = s["_raw"]
-                    la, tokens = records_of(raw[method]["eval"])
-                    lb, _ = records_of(raw[ref]["eval"])
-                    d = r["heldout_loss"] - rows[ref]["heldout_loss"]
-                    ci = list(paired_bootstrap_ci(la, lb, tokens))
-                    lines.append(compare(d, ci, what, f"{METHOD_LABELS[ref]} on the same uploads") + ".")
+                    lines.append(compare(r[f"delta_vs_{ref}"], r[f"delta_vs_{ref}_ci95"], what,
+                                         f"{METHOD_LABELS[ref]} on the same uploads") + ".")  # fmt: skip
             personal = r.get("personalised")
             if personal:
                 for key, ref_label in (
@@ -365,7 +354,7 @@ def main() -> None:
         "budget": experiment["budget"],
         "conclusions": conclusions(result, max(noises) if noises else None),
         "anchors": [] if args.smoke else anchors(result),  # the main table has the full budget
-        "settings": [{k: v for k, v in s.items() if k != "_raw"} for s in result["settings"]],
+        "settings": result["settings"],
     }
     docs.mkdir(parents=True, exist_ok=True)
     results_json = docs / "results.json"
