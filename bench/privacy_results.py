@@ -59,27 +59,15 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
     """Train each group once; every (method, z, draw) noises the same uploads afresh."""
     from florist import privacy
     from florist.aggregation import get_aggregator
-    from florist.data import Prompter, load_client_datasets, tokenize_dataset
     from florist.federation import Evaluator
-    from florist.lora import LoraHost
     from florist.models import load_model
-    from florist.sweep import eval_adapter, train_clients, training_groups
-    from florist.training import LocalTrainer, TrainConfig
+    from florist.sweep import ClientSetup, eval_adapter, train_clients, training_groups
 
     data_dir, heldout, _ = prepare_data(out, budget)
     cfg = base_config(data_dir, heldout, out / "run", budget, seed=budget["seeds"][0])
-    model, tokenizer = load_model(cfg.global_model, device="cpu")
-    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
-    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), next(model.parameters()).device)
-    prompter = Prompter(cfg.prompt_template_name)
-    records = load_client_datasets(
-        cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
-    )
-    examples = [
-        tokenize_dataset(r, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
-                         prompter=prompter)
-        for r in records
-    ]  # fmt: skip
+    setup = ClientSetup.load(cfg, lambda: load_model(cfg.global_model, device=cfg.device))
+    host, tokenizer, trainer, prompter = setup.host, setup.tokenizer, setup.trainer, setup.prompter
+    examples = setup.examples
     evaluate = Evaluator(cfg, prompter)
     base = evaluate(host, tokenizer, None)
     rows: list[dict[str, Any]] = []

@@ -405,6 +405,44 @@ def _setting_configs(cfg: RunConfig, heter: Sequence[bool]) -> list[tuple[str, R
     return out
 
 
+@dataclasses.dataclass
+class ClientSetup:
+    """One base model in memory, the trainer on it, and every client's records and examples."""
+
+    host: Any  # florist.lora.LoraHost
+    tokenizer: Any
+    trainer: Any  # florist.training.LocalTrainer
+    prompter: Any
+    records: list[list[dict]]
+    examples: list[list[dict]]
+
+    @classmethod
+    def load(cls, cfg: RunConfig, model_factory: ModelFactory) -> ClientSetup:
+        from florist.data import Prompter, load_client_datasets, tokenize_dataset
+        from florist.lora import LoraHost
+        from florist.training import LocalTrainer, TrainConfig
+
+        model, tokenizer = model_factory()
+        host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+        device = next(model.parameters()).device
+        trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
+        records = load_client_datasets(
+            cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
+        )
+        prompter = Prompter(cfg.prompt_template_name)
+        examples = [
+            tokenize_dataset(
+                r,
+                tokenizer,
+                cutoff_len=cfg.cutoff_len,
+                train_on_inputs=cfg.train_on_inputs,
+                prompter=prompter,
+            )
+            for r in records
+        ]
+        return cls(host, tokenizer, trainer, prompter, list(records), examples)
+
+
 def _sweep_one_round(
     cfg: RunConfig,
     methods: Sequence[str],
@@ -416,24 +454,11 @@ def _sweep_one_round(
     client_init: str = "auto",
 ) -> list[dict[str, Any]]:
     from florist.adapters import write_peft_adapter
-    from florist.data import Prompter, load_client_datasets, tokenize_dataset
     from florist.federation import Evaluator
-    from florist.lora import LoraHost
-    from florist.training import LocalTrainer, TrainConfig
 
-    model, tokenizer = model_factory()
-    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
-    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), next(model.parameters()).device)
-    records = load_client_datasets(
-        cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
-    )
-    prompter = Prompter(cfg.prompt_template_name)
-    examples = [
-        tokenize_dataset(
-            r, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, prompter=prompter
-        )
-        for r in records
-    ]
+    setup = ClientSetup.load(cfg, model_factory)
+    host, tokenizer, trainer, prompter = setup.host, setup.tokenizer, setup.trainer, setup.prompter
+    records, examples = setup.records, setup.examples
     # The same held-out records, MMLU questions and scoring as `florist run`'s eval_after.
     evaluate = Evaluator(cfg, prompter)
     for note in evaluate.notes:
