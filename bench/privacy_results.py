@@ -78,10 +78,12 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
         for method in group.methods:
             aggregator = get_aggregator(method, **({"threshold": TAU} if method == "florist" else {}))
             factors = aggregator.sent_factors(1)
-            norms = [
-                privacy.l2_norm(list(privacy.factor_deltas(r.update.modules, r.start, factors).values()))
-                for r in trained
+            travelling = [
+                list(privacy.factor_deltas(r.update.modules, r.start, factors).values()) for r in trained
             ]
+            norms = [privacy.l2_norm(parts) for parts in travelling]
+            coordinates = sum(p.numel() for p in travelling[0])
+            del travelling
             clip = statistics.median(norms)
             plan = [(None, 0)] + [(z, d) for z in noise for d in range(2 if z in repeat else 1)]
             for z, draw in plan:
@@ -106,12 +108,7 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
                         "clip_norm": None if z is None else clip,
                         "upload_norms": norms,
                         "clipped": None if z is None else sum(n > clip for n in norms),
-                        "coordinates": sum(
-                            p.numel()
-                            for p in privacy.factor_deltas(
-                                trained[0].update.modules, trained[0].start, factors
-                            ).values()
-                        ),  # fmt: skip
+                        "coordinates": coordinates,
                         "epsilon": None if z is None else privacy.epsilon(z, 1, delta),
                         "rank_total": int(sum(result.ranks.values())),  # FLoRIST's τ reacts to noise
                         "eval": evaluation,

@@ -332,9 +332,9 @@ def main() -> None:
     command = "python bench/results_newer.py" + (" --smoke" if args.smoke else "")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data_dir, heldout, _ = prepare_data(out, budget)
     n_global = len(json.loads((SHARED / "dolly" / "8" / "global_test.json").read_text()))
     if not args.render:
+        data_dir, heldout, _ = prepare_data(out, budget)
         seed = budget["seeds"][0]
         for sub, (heter, methods) in SETTINGS.items():
             cfg = base_config(data_dir, heldout, out / sub, budget, seed=seed)

@@ -25,6 +25,7 @@ the base so far (merge methods) and FFA's frozen A. Heavy imports happen inside 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ def _hold_if_asked(node_config: dict[str, Any], rnd: int) -> None:
     """Fault injection: with ``hold-in-round`` = r, the node stalls before training in round r until
     ``resume-file`` exists, as a hung machine would. A test can then kill it mid-round on an event,
     not by racing the round (tests/test_flower.py)."""
-    import time
-
     hold = _int_setting(node_config, "hold-in-round")
     if hold is None or hold != rnd:
         return
