@@ -55,7 +55,7 @@ class RunConfig:
     train_on_inputs: bool = True
     packing: bool = True  # padding-free micro-batches (florist.packing); same loss, less compute
     group_by_length: bool = True
-    prompt_template_name: str = "alpaca"
+    prompt_template_name: str = "auto"  # auto: chat template for conversations, alpaca for instructions
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32

@@ -1,16 +1,21 @@
-"""Instruction data: reading, checking, prompting, tokenising and splitting over clients.
+"""Training data: reading, checking, prompting, tokenising and splitting over clients.
 
 The paper's layout is ``D/K/local_training_{k}.json`` (one file per client) plus an optional
-held-out ``D/K/global_test.json``. A file is a JSON array or JSON lines, in one of three formats
+held-out ``D/K/global_test.json``. A file is a JSON array or JSON lines, in one of these formats
 recognised from its fields:
 
 - Dolly:  instruction, context, response (and usually category)
 - Alpaca: instruction, input, output
 - Wizard: instruction, output
+- conversations (florist.chat_data): TRL ``messages``, ShareGPT ``conversations``, and
+  ``prompt``/``completion`` pairs (strings or message lists)
 
-Every record is normalised to ``{"instruction", "input", "output"}`` (plus ``category`` when the
-record has one) before it reaches the prompt template. Files are user input: every problem is
-reported as a :class:`DataError` naming the file and the record (or JSONL line).
+Instruction records are normalised to ``{"instruction", "input", "output"}`` and conversations to
+``{"messages", "prompt_turns"}`` (both plus ``category`` when the record has one) before they
+reach the prompt template. The template ``auto`` (the default) renders conversations with the
+tokenizer's chat template and instruction records with Alpaca's; ``chat`` renders both with the
+chat template. Files are user input: every problem is reported as a :class:`DataError` naming
+the file and the record (or JSONL line).
 """
 
 from __future__ import annotations
@@ -169,32 +174,68 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def detect_format(records: Sequence[dict], path: str | Path = "<records>") -> str:
-    """'dolly', 'alpaca' or 'wizard', from the fields the records use."""
+def detect_format(records: Sequence[dict], path: str | Path = "<records>", *, prompts: bool = False) -> str:
+    """The data format, from the fields the records use: 'messages', 'sharegpt',
+    'prompt_completion', 'dolly', 'alpaca' or 'wizard'.
+
+    With ``prompts`` (``florist generate``'s input) answers may be missing: a lone ``prompt`` or
+    ``instruction`` field is enough.
+    """
+    from florist.chat_data import conversation_format
+
     keys: set[str] = set()
     for record in records:
         if isinstance(record, dict):
             keys.update(record)
-    if "response" in keys:
+    conversation = conversation_format(keys)
+    if conversation is not None:
+        return conversation
+    if prompts and "prompt" in keys:
+        return "prompt_completion"
+    if "response" in keys or (prompts and "context" in keys):
         return "dolly"
-    if "output" in keys:
+    if "output" in keys or (prompts and "instruction" in keys):
         return "alpaca" if "input" in keys else "wizard"
     shown = ", ".join(sorted(keys)[:12]) or "none"
     raise DataError(
-        f"{path}: cannot tell the data format from the fields ({shown}); expected Dolly "
-        "(instruction, context, response), Alpaca (instruction, input, output) or Wizard (instruction, output)"
+        f"{path}: cannot tell the data format from the fields ({shown}); expected conversations "
+        "(messages; conversations; prompt and completion) or instructions: Dolly (instruction, "
+        "context, response), Alpaca (instruction, input, output) or Wizard (instruction, output)"
     )
 
 
-def normalize_record(record: dict, fmt: str, *, where: str = "record") -> dict:
-    """{"instruction", "input", "output"} (+ "category"), after checking fields and types.
+def normalize_record(record: dict, fmt: str, *, where: str = "record", prompts: bool = False) -> dict:
+    """Instruction records as {"instruction", "input", "output"}, conversations as
+    {"messages", "prompt_turns"} (+ "category"), after checking fields and types.
 
-    ``where`` prefixes error messages, e.g. ``"data.json: record 12"``.
+    ``where`` prefixes error messages, e.g. ``"data.json: record 12"``. With ``prompts`` a record
+    may lack its answer (the output field, or a conversation's assistant turn).
     """
-    if fmt not in FORMAT_FIELDS:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMAT_FIELDS)}")
+    from florist.chat_data import CONVERSATION_FORMATS, normalize_conversation
+
+    if fmt not in FORMAT_FIELDS and fmt not in CONVERSATION_FORMATS:
+        raise ValueError(
+            f"unknown data format {fmt!r}; expected one of {', '.join((*CONVERSATION_FORMATS, *FORMAT_FIELDS))}"
+        )
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {_json_type(record)}")
+    if fmt in CONVERSATION_FORMATS:
+        out = normalize_conversation(record, fmt, where=where, require_assistant=not prompts)
+    else:
+        out = _normalize_instruction(record, fmt, where=where, prompts=prompts)
+    if "category" in record:
+        if not isinstance(record["category"], str):
+            raise DataError(
+                f"{where}: field 'category' must be a string, got {_json_type(record['category'])}"
+            )
+        out["category"] = record["category"]
+    return out
+
+
+def _normalize_instruction(record: dict, fmt: str, *, where: str, prompts: bool) -> dict:
+    if prompts:  # a prompt needs no answer (nor an input)
+        blanks = [_OUTPUT_FIELD[fmt], _INPUT_FIELD[fmt]]
+        record = {**{name: "" for name in blanks if name}, **record}
     for name in FORMAT_FIELDS[fmt]:
         if name not in record:
             raise DataError(
@@ -205,25 +246,24 @@ def normalize_record(record: dict, fmt: str, *, where: str = "record") -> dict:
     if not record["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
     input_field = _INPUT_FIELD[fmt]
-    out = {
+    return {
         "instruction": record["instruction"],
         "input": record[input_field] if input_field else "",
         "output": record[_OUTPUT_FIELD[fmt]],
     }
-    if "category" in record:
-        if not isinstance(record["category"], str):
-            raise DataError(
-                f"{where}: field 'category' must be a string, got {_json_type(record['category'])}"
-            )
-        out["category"] = record["category"]
-    return out
 
 
-def load_dataset_file(path: str | Path) -> tuple[list[dict], str]:
-    """Read, detect, check and normalise one file: (normalised records, format)."""
+def load_dataset_file(path: str | Path, *, prompts: bool = False) -> tuple[list[dict], str]:
+    """Read, detect, check and normalise one file: (normalised records, format).
+
+    ``prompts``: records may lack their answers (see :func:`normalize_record`).
+    """
     records = load_records(path)
-    fmt = detect_format(records, path)
-    return [normalize_record(r, fmt, where=f"{path}: record {i}") for i, r in enumerate(records)], fmt
+    fmt = detect_format(records, path, prompts=prompts)
+    where = f"{path}: record {{}}"
+    return [
+        normalize_record(r, fmt, where=where.format(i), prompts=prompts) for i, r in enumerate(records)
+    ], fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,18 +359,31 @@ def demo_data_path() -> Path:
 
 
 class Prompter:
-    """Alpaca-style prompt templates (the JSON format of Alpaca-LoRA's ``templates/``).
+    """How records become text: ``auto`` (the default), ``chat``, or an Alpaca-style template.
 
-    ``template_name`` is a template shipped in ``florist/resources/templates`` or a path to a
-    JSON file with ``prompt_input``, ``prompt_no_input`` and ``response_split``.
+    - ``auto``: conversations through the tokenizer's chat template, instruction records through
+      Alpaca's template (the paper's), so instruction data trains exactly as before;
+    - ``chat``: every record through the tokenizer's chat template (an instruction record is one
+      user turn and one assistant turn);
+    - a template shipped in ``florist/resources/templates`` (``alpaca``) or a path to a JSON file
+      with ``prompt_input``, ``prompt_no_input`` and ``response_split`` (Alpaca-LoRA's format).
+
+    The chat template is the tokenizer's, so it is resolved when a record is tokenised.
     """
 
-    def __init__(self, template_name: str = "alpaca") -> None:
-        path = Path(template_name)
+    def __init__(self, template_name: str = "auto") -> None:
+        self.template_name = template_name
+        # auto and chat fall back on Alpaca's template for instruction records (auto) and for
+        # callers of generate_prompt, such as the MMLU generate scorer.
+        name = "alpaca" if template_name in ("auto", "chat") else template_name
+        path = Path(name)
         if path.suffix != ".json":
-            path = Path(str(resources.files("florist") / "resources" / "templates" / f"{template_name}.json"))
+            path = Path(str(resources.files("florist") / "resources" / "templates" / f"{name}.json"))
         if not path.is_file():
-            raise DataError(f"prompt template {template_name!r} not found (looked for {path})")
+            raise DataError(
+                f"prompt template {template_name!r} not found (looked for {path}); use auto, chat, "
+                "alpaca or a JSON template file"
+            )
         try:
             template = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -338,8 +391,22 @@ class Prompter:
         for key in ("prompt_input", "prompt_no_input", "response_split"):
             if not isinstance(template.get(key), str):
                 raise DataError(f"{path}: the template needs a string {key!r}")
-        self.template_name = template_name
         self.template: dict[str, str] = template
+
+    def uses_chat(self, example: dict) -> bool:
+        """Whether ``example`` is rendered with the tokenizer's chat template."""
+        from florist.chat_data import is_conversation
+
+        if self.template_name == "chat":
+            return True
+        if is_conversation(example):
+            if self.template_name != "auto":
+                raise DataError(
+                    f"prompt template {self.template_name!r} renders instruction records only; "
+                    "conversations need --prompt_template_name auto or chat"
+                )
+            return True
+        return False
 
     def generate_prompt(self, instruction: str, input: str | None = None, output: str | None = None) -> str:
         """The prompt for a record; with ``output`` the full training text (prompt + response)."""
@@ -371,21 +438,31 @@ def tokenize_example(
     train_on_inputs: bool,
     prompter: Prompter,
 ) -> dict[str, list[int]]:
-    """The paper's tokenisation of one normalised record: {"input_ids", "labels"}.
+    """One normalised record as {"input_ids", "labels"}, truncated at ``cutoff_len`` tokens.
 
-    The full text (prompt + response) is truncated at ``cutoff_len`` tokens and gets EOS when it
-    was not truncated; labels equal input_ids, except that with ``train_on_inputs=False`` the
-    prompt's tokens are masked with -100 so only the response is learned.
+    Alpaca (the paper's tokenisation): the full text (prompt + response) gets EOS when it was not
+    truncated; labels equal input_ids, except that with ``train_on_inputs=False`` the prompt's
+    tokens are masked with -100 so only the response is learned.
+
+    Chat template: only the assistant turns are learned, each with its end-of-turn token
+    (florist.chat_data); system and user text, role headers and padding never are, whatever
+    ``train_on_inputs`` says (its default True is the paper's Alpaca setting).
     """
+    from florist.chat_data import instruction_messages, tokenize_conversation
+
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; tokenize_example needs one to end responses")
     if cutoff_len <= 0:
         raise ValueError(f"cutoff_len must be positive, got {cutoff_len}")
-    if "instruction" not in example or "output" not in example:
+    if "messages" not in example and ("instruction" not in example or "output" not in example):
         raise ValueError(
-            f"tokenize_example needs a normalised record (instruction, input, output), got fields "
-            f"{', '.join(sorted(example))}; see normalize_record"
+            f"tokenize_example needs a normalised record (instruction, input, output or messages), got "
+            f"fields {', '.join(sorted(example))}; see normalize_record"
         )
+    if prompter.uses_chat(example):
+        if "messages" not in example:
+            example = {"messages": instruction_messages(example)}
+        return tokenize_conversation(example, tokenizer, cutoff_len=cutoff_len)
     full = prompter.generate_prompt(example["instruction"], example.get("input"), example["output"])
     input_ids = _tokenize(full, tokenizer, cutoff_len, add_eos=True)
     labels = list(input_ids)
@@ -394,6 +471,18 @@ def tokenize_example(
         n_prompt = min(len(_tokenize(user, tokenizer, cutoff_len, add_eos=False)), len(labels))
         labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
     return {"input_ids": input_ids, "labels": labels}
+
+
+def has_trained_token(example: dict[str, list[int]]) -> bool:
+    """Whether any token is learned (position 0 predicts nothing: labels are shifted by one)."""
+    return any(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+class TokenizedExamples(list):
+    """The tokenised examples of a data set; ``dropped`` counts the records left out because
+    truncation left them without a single trained token."""
+
+    dropped: int = 0
 
 
 def tokenize_dataset(
@@ -405,15 +494,54 @@ def tokenize_dataset(
     prompter: Prompter | None = None,
     desc: str = "tokenizing",
     progress: bool | None = None,
-) -> list[dict[str, list[int]]]:
-    """:func:`tokenize_example` over normalised records, with a progress bar."""
+) -> TokenizedExamples:
+    """:func:`tokenize_example` over normalised records, with a progress bar.
+
+    A record that ``cutoff_len`` leaves without a trained token is dropped (and counted, and
+    reported), never trained as a zero loss that would still count as an example.
+    """
     prompter = prompter or Prompter()
-    return [
-        tokenize_example(
-            r, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, prompter=prompter
+    out = TokenizedExamples()
+    for i, r in enumerate(tqdm(records, desc=desc, disable=bar_disabled(progress), leave=False)):
+        try:
+            example = tokenize_example(
+                r, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, prompter=prompter
+            )
+        except DataError as e:
+            raise DataError(f"{desc}: record {i}: {e}") from None
+        if has_trained_token(example):
+            out.append(example)
+        else:
+            out.dropped += 1
+    if out.dropped:
+        where = desc.removeprefix("tokenizing ")
+        if not out:
+            raise DataError(
+                f"{where}: cutoff_len={cutoff_len} leaves none of its {len(records)} records a trained token"
+            )
+        tqdm.write(
+            f"florist: {where}: dropped {out.dropped} of {len(records)} records that cutoff_len={cutoff_len} "
+            "leaves without a trained token"
         )
-        for r in tqdm(records, desc=desc, disable=bar_disabled(progress), leave=False)
-    ]
+    return out
+
+
+def encode_prompt(example: dict, tokenizer: Any, prompter: Prompter) -> list[int]:
+    """The token ids a model is given to answer ``example``, as training renders that prompt.
+
+    Chat: the messages before the answer (florist.chat_data.prompt_messages) with the template's
+    generation prompt, no special tokens added; Alpaca: the prompt text, tokenised as in training.
+    """
+    from florist.chat_data import check_chat_tokenizer, prompt_messages, render
+
+    if prompter.uses_chat(example):
+        check_chat_tokenizer(tokenizer)
+        messages, _answer = prompt_messages(example)
+        text = render(tokenizer, messages, generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(
+        tokenizer(prompter.generate_prompt(example["instruction"], example.get("input")))["input_ids"]
+    )
 
 
 # --------------------------------------------------------------------------------------------

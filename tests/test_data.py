@@ -203,7 +203,7 @@ def test_non_utf8_and_missing_file(tmp_path: Path) -> None:
 
 def test_normalize_record_rejects_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown data format"):
-        normalize_record(DOLLY_OK, "sharegpt")
+        normalize_record(DOLLY_OK, "csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,9 +354,9 @@ def test_tokenize_cutoff_rules(tokenizer: PreTrainedTokenizerFast) -> None:
 
 def test_tokenize_dataset_matches_per_example(tokenizer: PreTrainedTokenizerFast) -> None:
     records = [EXAMPLE, {"instruction": "Name a colour.", "input": "", "output": "Red."}]
-    batch = tokenize_dataset(records, tokenizer, cutoff_len=64, train_on_inputs=False, progress=False)
+    batch = tokenize_dataset(records, tokenizer, cutoff_len=512, train_on_inputs=False, progress=False)
     single = [
-        tokenize_example(r, tokenizer, cutoff_len=64, train_on_inputs=False, prompter=Prompter())
+        tokenize_example(r, tokenizer, cutoff_len=512, train_on_inputs=False, prompter=Prompter())
         for r in records
     ]
     assert batch == single

@@ -1,9 +1,10 @@
-"""Held-out instruction loss: mean response-token cross-entropy, perplexity and top-1 accuracy.
+"""Held-out loss: mean response-token cross-entropy, perplexity and top-1 accuracy.
 
 Records are normalised instruction data (instruction, input, output), e.g. Dolly's
-``global_test.json``. They are prompted and tokenised exactly as in training (florist.data), so
-the number is the training objective measured on data no client saw. The mean is weighted by
-tokens: every scored token counts once, whatever record it belongs to.
+``global_test.json``, or conversations (messages), whose scored tokens are the assistant turns'
+(each with its end-of-turn token). They are prompted and tokenised exactly as in training
+(florist.data), so the number is the training objective measured on data no client saw. The
+mean is weighted by tokens: every scored token counts once, whatever record it belongs to.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ HEAD_CHUNK = 1024
 
 def _check_records(records: Sequence[Any]) -> None:
     for i, r in enumerate(records):
-        if (
-            not isinstance(r, dict)
-            or not isinstance(r.get("instruction"), str)
-            or not isinstance(r.get("output"), str)
-        ):
+        instruction = (
+            isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
+        )
+        conversation = isinstance(r, dict) and isinstance(r.get("messages"), list)
+        if not (instruction or conversation):
             raise FloristError(
-                f"held-out record {i}: expected a normalised record with string instruction/output"
+                f"held-out record {i}: expected a normalised record (string instruction/output, or messages)"
             )
 
 
@@ -54,9 +55,10 @@ def heldout_loss(
 ) -> dict[str, Any]:
     """Token-weighted loss, perplexity and next-token accuracy on the label tokens of ``records``.
 
-    With ``train_on_inputs=False`` (the default) only the response tokens are scored.
+    With ``train_on_inputs=False`` (the default) only the response tokens are scored; in a
+    conversation only the assistant's, always. ``prompter`` defaults to ``auto`` (florist.data).
     """
-    from florist.data import Prompter, tokenize_example
+    from florist.data import Prompter, has_trained_token, tokenize_example
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -64,7 +66,7 @@ def heldout_loss(
     if not records:
         raise ValueError("no held-out records to evaluate")
     _check_records(records)
-    prompter = prompter if prompter is not None else Prompter("alpaca")
+    prompter = prompter if prompter is not None else Prompter("auto")
     examples = [
         tokenize_example(
             r, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, prompter=prompter
@@ -72,7 +74,7 @@ def heldout_loss(
         for r in records
     ]
     # A record whose response was cut away entirely has nothing to score.
-    kept = [i for i, e in enumerate(examples) if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    kept = [i for i, e in enumerate(examples) if has_trained_token(e)]
     scored = [examples[i] for i in kept]
     record_loss = [0.0] * len(scored)  # per record, for bootstrap intervals (florist.stats)
     record_tokens = [0] * len(scored)
