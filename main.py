@@ -12,11 +12,15 @@ the newer methods' --fedex, --fedsa, --rolora, --hetlora, --lorafair) pick the a
 AdaLoRA (--Adalora) are not supported. Our additions: --max_samples_per_client, --eval_samples,
 --seed, --local_max_steps, --client_init (shared | per_client; default: the method's, as in the
 authors' code), and client-level differential privacy: --dp_clip_norm C --dp_noise_multiplier z
---dp_delta 1e-5 --dp_mode local|central (florist.privacy). The equivalent florist command is ``florist run``.
+--dp_delta 1e-5 --dp_mode local|central (florist.privacy); every other ``florist run`` setting is a
+flag too (--device, --precision, ...). Every flag is checked as ``florist run`` checks it
+(florist.settings): a bad value is one line naming the flag. The equivalent florist command is
+``florist run``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from pathlib import Path
@@ -25,179 +29,137 @@ from typing import Any
 # Runnable as ``python main.py`` from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from florist.config import DEFAULT_HETER_RANKS, DEFAULT_MODEL, ConfigError, RunConfig, method_from_paper_flags  # noqa: E402
+from florist.config import (  # noqa: E402
+    DEFAULT_HETER_RANKS,
+    DEFAULT_MODEL,
+    NEWER_METHODS,
+    ConfigError,
+    RunConfig,
+    method_from_paper_flags,
+    run_settings,
+)
+from florist.settings import MAIN_PY, Setting, show  # noqa: E402
+
+# The authors' flags with their defaults (their main.py), then florist's own settings, each at
+# RunConfig's default (method and resume come from the switches and --resume_from_checkpoint).
+PAPER_DEFAULTS: dict[str, Any] = {
+    "global_model": DEFAULT_MODEL,
+    "data_path": "./data",
+    "output_dir": "./florist-output/",
+    "client_selection_strategy": "random",
+    "client_selection_frac": 1.0,
+    "num_communication_rounds": 1,
+    "num_clients": 8,
+    "local_batch_size": 128,
+    "local_micro_batch_size": 16,
+    "local_num_epochs": 1,
+    "local_learning_rate": 3e-4,
+    "local_val_set_size": 0,
+    "local_save_steps": 3,
+    "cutoff_len": 512,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "lora_target_modules": ("q_proj", "v_proj"),
+    "train_on_inputs": True,
+    "group_by_length": True,
+    "resume_from_checkpoint": None,
+    "prompt_template_name": "alpaca",
+    "stacking": False,
+    "florist": False,
+    "flora": False,
+    "fedit": False,
+    "flex": False,
+    "ffa": False,
+    **{name: False for name in NEWER_METHODS},
+    "threshold": 0.9,
+    "dev_data_path": None,
+    "heter": False,
+    "local_ranks": tuple(DEFAULT_HETER_RANKS),
+    "zero_padding": False,
+    "full": False,
+    "Adalora": False,
+}
+FLAGS: dict[str, Any] = PAPER_DEFAULTS | {
+    f.name: getattr(RunConfig(), f.name)
+    for f in dataclasses.fields(RunConfig)
+    if f.name not in PAPER_DEFAULTS and f.name not in ("method", "resume")
+}
+# The paper's flags that are not RunConfig settings: the method switches, and flags florist
+# refuses (full fine-tuning, AdaLoRA, a validation split) or ignores (save steps).
+SWITCHES = ("stacking", "florist", "flora", "fedit", "flex", "ffa", *NEWER_METHODS, "zero_padding")
+PAPER_FLAGS: dict[str, Setting] = {
+    **{name: Setting(bool) for name in (*SWITCHES, "full", "Adalora")},
+    "local_val_set_size": Setting(int, low=0),
+    "local_save_steps": Setting(int, low=0),
+}
 
 
-def as_bool(value: Any, name: str) -> bool:
-    """fire gives bools for True/False; accept the strings true/false/1/0 as well."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none", ""):
-        return False
-    raise ConfigError(f"--{name} must be True or False, got {value!r}")
-
-
-def as_list(value: Any, item: type, name: str) -> list:
-    """A list from fire's parse: a list/tuple, a single value, or a comma-separated string."""
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [
-            x for x in str(value).strip("[]() ").replace("'", "").replace('"', "").split(",") if x.strip()
-        ]
-    try:
-        return [item(x.strip() if isinstance(x, str) else x) for x in items]
-    except (TypeError, ValueError):
+def build_config(**given: Any) -> RunConfig:
+    """The RunConfig for the paper's flags (FLAGS); a bad value or an unsupported combination
+    raises ConfigError naming the flag. Each flag is checked as the Setting it maps to
+    (RunConfig's, or PAPER_FLAGS)."""
+    unknown = sorted(set(given) - set(FLAGS))
+    if unknown:  # fail before any work, not after training
         raise ConfigError(
-            f"--{name} must be a comma-separated list of {item.__name__}, got {value!r}"
-        ) from None
-
-
-def _number(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{name} must be a number, got {value!r}") from None
-
-
-def build_config(
-    *,
-    global_model: str = DEFAULT_MODEL,
-    data_path: str = "./data",
-    output_dir: str = "./florist-output/",
-    client_selection_strategy: str = "random",
-    client_selection_frac: float = 1.0,
-    num_communication_rounds: int = 1,
-    num_clients: int = 8,
-    local_batch_size: int = 128,
-    local_micro_batch_size: int = 16,
-    local_num_epochs: int = 1,
-    local_learning_rate: float = 3e-4,
-    local_val_set_size: int = 0,
-    local_save_steps: int = 3,
-    cutoff_len: int = 512,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    lora_target_modules: Any = ("q_proj", "v_proj"),
-    train_on_inputs: Any = True,
-    group_by_length: Any = True,
-    resume_from_checkpoint: Any = None,
-    prompt_template_name: str = "alpaca",
-    stacking: Any = False,
-    florist: Any = False,
-    flora: Any = False,
-    fedit: Any = False,
-    flex: Any = False,
-    ffa: Any = False,
-    fedex: Any = False,
-    fedsa: Any = False,
-    rolora: Any = False,
-    hetlora: Any = False,
-    lorafair: Any = False,
-    threshold: float = 0.9,
-    dev_data_path: str | None = None,
-    heter: Any = False,
-    local_ranks: Any = tuple(DEFAULT_HETER_RANKS),
-    zero_padding: Any = False,
-    full: Any = False,
-    Adalora: Any = False,  # noqa: N803 - the paper's flag name
-    max_samples_per_client: int | None = None,
-    eval_samples: int | None = None,
-    seed: int = 42,
-    local_max_steps: int | None = None,
-    client_init: Any = None,
-    dp_clip_norm: float = 0.0,
-    dp_noise_multiplier: float = 0.0,
-    dp_delta: float = 1e-5,
-    dp_mode: str = "local",
-) -> RunConfig:
-    """The RunConfig for the paper's flags; unsupported combinations raise ConfigError."""
-    if as_bool(full, "full"):
+            f"unknown flag(s): {', '.join('--' + u for u in unknown)}; see python main.py --help"
+        )
+    flags = FLAGS | given
+    paper = {
+        name: PAPER_FLAGS[name].parse(flags.pop(name), name=f"--{name}", source=MAIN_PY)
+        for name in PAPER_FLAGS
+    }
+    resume_from_checkpoint = flags.pop("resume_from_checkpoint")
+    # As in the authors' code, an empty value (and "auto" for the init) means the default.
+    if flags["client_init"] in ("", "None", "auto"):
+        flags["client_init"] = None
+    if flags["dev_data_path"] == "":
+        flags["dev_data_path"] = None
+    settings = run_settings()
+    values = {name: settings[name].parse(v, name=f"--{name}", source=MAIN_PY) for name, v in flags.items()}
+    if paper["full"]:
         raise ConfigError(
             "--full True (full fine-tuning) is not supported by florist; it fine-tunes LoRA adapters only"
         )
-    if as_bool(Adalora, "Adalora"):
+    if paper["Adalora"]:
         raise ConfigError("--Adalora True is not supported by florist; use LoRA (the default)")
-    if int(local_val_set_size) != 0:
+    if paper["local_val_set_size"] != 0:
         raise ConfigError(
             "--local_val_set_size is not supported (florist evaluates the global model on "
             "the held-out global_test.json and MMLU instead); leave it at 0"
         )
-    heter_on = as_bool(heter, "heter")
     method = method_from_paper_flags(
-        florist=as_bool(florist, "florist"),
-        flora=as_bool(flora, "flora"),
-        stacking=as_bool(stacking, "stacking"),
-        flex=as_bool(flex, "flex"),
-        ffa=as_bool(ffa, "ffa"),
-        fedit=as_bool(fedit, "fedit"),
-        zero_padding=as_bool(zero_padding, "zero_padding"),
-        heter=heter_on,
-        newer={
-            name: as_bool(on, name)
-            for name, on in (
-                ("fedex", fedex),
-                ("fedsa", fedsa),
-                ("rolora", rolora),
-                ("hetlora", hetlora),
-                ("lorafair", lorafair),
-            )
-        },
+        florist=paper["florist"],
+        flora=paper["flora"],
+        stacking=paper["stacking"],
+        flex=paper["flex"],
+        ffa=paper["ffa"],
+        fedit=paper["fedit"],
+        zero_padding=paper["zero_padding"],
+        heter=values["heter"],
+        newer={name: paper[name] for name in NEWER_METHODS},
     )
-    resume = False
-    if resume_from_checkpoint not in (None, False, "", "None", "False", "false"):
-        resume = True
-        if not isinstance(resume_from_checkpoint, bool) and str(resume_from_checkpoint).lower() != "true":
-            # The paper passes a checkpoint path; florist keeps its checkpoint in output_dir.
-            given = Path(str(resume_from_checkpoint)).resolve()
-            out = Path(output_dir).resolve()
-            if given not in (out, out / "checkpoint"):
-                raise ConfigError(
-                    f"--resume_from_checkpoint {resume_from_checkpoint}: florist resumes from "
-                    f"{out / 'checkpoint'}; pass True or that path"
-                )
     return RunConfig(
-        global_model=str(global_model),
-        data_path=str(data_path),
-        output_dir=str(output_dir),
-        num_clients=int(num_clients),
-        method=method,
-        threshold=float(threshold),
-        num_communication_rounds=int(num_communication_rounds),
-        client_selection_strategy=str(client_selection_strategy),
-        client_selection_frac=float(client_selection_frac),
-        local_batch_size=int(local_batch_size),
-        local_micro_batch_size=int(local_micro_batch_size),
-        local_num_epochs=int(local_num_epochs),
-        local_learning_rate=float(local_learning_rate),
-        local_max_steps=None if local_max_steps is None else int(local_max_steps),
-        cutoff_len=int(cutoff_len),
-        train_on_inputs=as_bool(train_on_inputs, "train_on_inputs"),
-        group_by_length=as_bool(group_by_length, "group_by_length"),
-        prompt_template_name=str(prompt_template_name),
-        lora_r=int(lora_r),
-        lora_alpha=int(lora_alpha),
-        lora_dropout=float(lora_dropout),
-        lora_target_modules=as_list(lora_target_modules, str, "lora_target_modules"),
-        heter=heter_on,
-        local_ranks=as_list(local_ranks, int, "local_ranks"),
-        seed=int(seed),
-        max_samples_per_client=None if max_samples_per_client is None else int(max_samples_per_client),
-        eval_samples=None if eval_samples is None else int(eval_samples),
-        dev_data_path=None if dev_data_path in (None, "") else str(dev_data_path),
-        resume=resume,
-        client_init=None if client_init in (None, "", "None", "auto") else str(client_init),
-        dp_clip_norm=_number(dp_clip_norm, "dp_clip_norm"),
-        dp_noise_multiplier=_number(dp_noise_multiplier, "dp_noise_multiplier"),
-        dp_delta=_number(dp_delta, "dp_delta"),
-        dp_mode=str(dp_mode),
+        **values, method=method, resume=_resume(resume_from_checkpoint, values["output_dir"])
     ).validate()
+
+
+def _resume(given: Any, output_dir: str) -> bool:
+    """--resume_from_checkpoint: True, or the checkpoint's path (florist keeps it in output_dir)."""
+    if given in (None, False, "", "None", "False", "false"):
+        return False
+    if given is True or str(given).lower() == "true":
+        return True
+    if isinstance(given, bool) or not isinstance(given, (str, int)):
+        raise ConfigError(f"main.py: --resume_from_checkpoint must be True or a path, got {show(given)}")
+    from florist.io import resolve_path
+
+    out = resolve_path(output_dir, "--output_dir")
+    if resolve_path(str(given), "--resume_from_checkpoint") not in (out, out / "checkpoint"):
+        raise ConfigError(
+            f"--resume_from_checkpoint {given}: florist resumes from {out / 'checkpoint'}; pass True or that path"
+        )
+    return True
 
 
 def main(**flags: Any) -> None:
@@ -212,12 +174,6 @@ def main(**flags: Any) -> None:
         return
 
     def body() -> int:
-        known = inspect.signature(build_config).parameters
-        unknown = sorted(set(flags) - set(known))
-        if unknown:  # fail before any work, not after training
-            raise ConfigError(
-                f"unknown flag(s): {', '.join('--' + u for u in unknown)}; see python main.py --help"
-            )
         cfg = build_config(**flags)
         from florist.federation import run_federated
 
@@ -238,14 +194,11 @@ def main(**flags: Any) -> None:
         sys.exit(code)
 
 
-# fire documents and parses the flags from this signature: build_config's keyword arguments,
-# plus **flags so that a misspelt flag reaches main (and is refused) instead of being left over.
-main.__signature__ = inspect.signature(build_config).replace(  # type: ignore[attr-defined]
-    parameters=[
-        *inspect.signature(build_config).parameters.values(),
-        inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD),
-    ],
-    return_annotation=None,
+# fire documents and parses the flags from this signature: FLAGS as keyword arguments, plus
+# **flags so that a misspelt flag reaches main (and is refused) instead of being left over.
+main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value) for name, value in FLAGS.items()]
+    + [inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD)]
 )
 main.__doc__ = __doc__
 

@@ -434,6 +434,15 @@ def _pattern_key(module: str, modules: list[str]) -> str:
     return re.escape(module)
 
 
+def non_finite(tensor: torch.Tensor, written: torch.Tensor | None = None) -> str | None:
+    """Why ``tensor`` (as ``written``, when it is written in another dtype) cannot be written, or None."""
+    if not bool(torch.isfinite(tensor).all()):
+        return "contains NaN or Inf"
+    if written is not None and not bool(torch.isfinite(written).all()):
+        return f"overflows {str(written.dtype).removeprefix('torch.')} (a value beyond {torch.finfo(written.dtype).max:.3g})"
+    return None
+
+
 def write_peft_adapter(
     directory: str | os.PathLike[str],
     adapter: Adapter,
@@ -468,15 +477,18 @@ def write_peft_adapter(
             raise AdapterError(
                 f"{directory}, module {name!r}: scaling must be positive and finite, got {f.scaling}"
             )
-        if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
-            # e.g. an aggregate that overflowed float32: never hand out an adapter that poisons a model
-            raise AdapterError(
-                f"{directory}, module {name!r}: the adapter contains NaN or Inf; refusing to write it"
-            )
+        for factor in ("A", "B"):
+            # Checked as written (float32): a finite float64 factor beyond 3.4e38 becomes Inf. Never
+            # hand out an adapter that poisons a model, whichever directory it goes to.
+            tensor = getattr(f, factor).detach().to(torch.float32, copy=True)
+            problem = non_finite(getattr(f, factor), tensor)
+            if problem:
+                raise AdapterError(
+                    f"{directory}, module {name!r}: lora_{factor} {problem}; refusing to write it"
+                )
+            tensors[f"base_model.model.{name}.lora_{factor}.weight"] = tensor
         ranks[name] = f.rank
         alphas[name] = _alpha_for(f.rank, float(f.scaling))
-        tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.detach().to(torch.float32, copy=True)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = f.B.detach().to(torch.float32, copy=True)
 
     # Most common values as the defaults; ties go to the larger value, for a stable choice.
     r = max(Counter(ranks.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]

@@ -22,6 +22,7 @@ same operation) and the server state restored, the next round computes what it w
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,30 @@ def _unflatten(
 def _save(path: Path, tensors: dict[str, torch.Tensor], scalings: dict[str, float]) -> None:
     # Keys are sorted by safetensors itself; the scalings travel in the header metadata.
     # Serialised in memory and written by Python: safetensors' own file writer can report a full
-    # disk in a many-line error, or (writing to /dev/full here) not at all.
-    atomic_save_safetensors(path, tensors, metadata={"scalings": json.dumps(scalings, sort_keys=True)})
+    # disk in a many-line error, or (writing to /dev/full here) not at all. The writer refuses a
+    # non-finite tensor too (checked before, with a better message, by _check_finite).
+    metadata = {"scalings": json.dumps(scalings, sort_keys=True, allow_nan=False)}
+    atomic_save_safetensors(path, tensors, metadata=metadata)
+
+
+def _check_finite(path: Path, state: CheckpointState) -> None:
+    """Refuse a state holding NaN or Inf before anything is written: a round that went wrong
+    must leave the previous checkpoint as it was, never one that ``--resume`` would continue."""
+    adapters: list[tuple[str, Adapter]] = [
+        (f"merged adapter of round {i}", a) for i, a in enumerate(state.merged, 1)
+    ]
+    adapters += [("global adapter", state.global_adapter or {})]
+    adapters += [(f"client {cid}'s adapter", a) for cid, a in (state.per_client or {}).items()]
+    adapters += [(f"client {cid}'s own state", a) for cid, a in state.client_state.items()]
+    for what, adapter in adapters:
+        for name, f in adapter.items():
+            bad = [n for n, t in (("A", f.A), ("B", f.B)) if not bool(torch.isfinite(t).all())]
+            bad += [] if math.isfinite(f.scaling) else ["scaling"]
+            if bad:
+                raise CheckpointError(
+                    f"{path}: not saving round {state.completed_round}: the {what}, module {name!r}, has "
+                    f"NaN or Inf in {' and '.join(bad)}; the previous checkpoint is kept"
+                )
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -116,6 +139,7 @@ def checkpoint_path(output_dir: str | Path) -> Path:
 def save_checkpoint(output_dir: str | Path, state: CheckpointState) -> Path:
     """Write ``state`` as ``<output_dir>/checkpoint/``, replacing the previous one atomically."""
     path = checkpoint_path(output_dir)
+    _check_finite(path, state)
     with atomic_directory(path) as tmp:
         files: list[Path] = []
         rounds = []

@@ -7,10 +7,14 @@ Flower app all build a ``RunConfig`` and hand it to the same code.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, ConfigError, Setting, Source, file_source
 
 # Batches are padded to a multiple of this many tokens. Every new sequence length makes oneDNN
 # and the allocator keep another set of per-shape buffers, so with exact-length batches the
@@ -24,10 +28,7 @@ METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
 NEWER_METHODS = ("fedex", "fedsa", "rolora", "hetlora", "lorafair")
 ALL_METHODS = METHODS + NEWER_METHODS
 CLIENT_INITS = ("shared", "per_client")
-
-
-class ConfigError(ValueError):
-    """A bad setting; the CLIs print it in one line and exit with code 2."""
+DP_MODES = ("local", "central")  # florist.privacy's; named here so that config stays torch-free
 
 
 @dataclass
@@ -111,10 +112,9 @@ class RunConfig:
         return max(self.client_rank(k) for k in range(self.num_clients))
 
     def validate(self) -> RunConfig:
-        if self.method not in ALL_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(ALL_METHODS)}, got {self.method!r}")
-        if self.client_init not in (None, *CLIENT_INITS):
-            raise ConfigError(f"client_init must be shared or per_client, got {self.client_init!r}")
+        """Check every setting's type and range (``run_settings``), then how they combine."""
+        for name, setting in run_settings().items():
+            setattr(self, name, setting.parse(getattr(self, name), name=name))
         if self.client_init is not None:
             from florist.aggregation import AGGREGATORS
 
@@ -124,23 +124,6 @@ class RunConfig:
                     f"{self.method} needs client_init {' or '.join(allowed)}: its frozen factor is shared by "
                     f"every client (FFA-LoRA's A, RoLoRA's), so client_init {self.client_init} does not apply"
                 )
-        if not (0.0 < float(self.threshold) <= 1.0):
-            raise ConfigError(f"threshold (tau) must be in (0, 1], got {self.threshold}")
-        if self.num_clients <= 0:
-            raise ConfigError(f"num_clients must be positive, got {self.num_clients}")
-        if self.num_communication_rounds <= 0:
-            raise ConfigError(
-                f"num_communication_rounds must be positive, got {self.num_communication_rounds}"
-            )
-        if not (0.0 < self.client_selection_frac <= 1.0):
-            raise ConfigError(f"client_selection_frac must be in (0, 1], got {self.client_selection_frac}")
-        if self.lora_r <= 0:
-            raise ConfigError(f"lora_r must be positive, got {self.lora_r}")
-        if self.heter:
-            if not self.local_ranks or any(int(r) <= 0 for r in self.local_ranks):
-                raise ConfigError(f"local_ranks must all be positive, got {self.local_ranks}")
-        if self.local_micro_batch_size <= 0 or self.local_batch_size <= 0:
-            raise ConfigError("local_batch_size and local_micro_batch_size must be positive")
         if self.local_batch_size % self.local_micro_batch_size:
             raise ConfigError(
                 f"local_batch_size ({self.local_batch_size}) must be a multiple of "
@@ -154,16 +137,6 @@ class RunConfig:
                 f"{self.method} needs homogeneous ranks; with --heter use zeropad (--zero_padding True), "
                 "hetlora, flexlora, flora or florist"
             )
-        if self.aggregation_dtype not in ("float64", "float32"):
-            raise ConfigError(f"aggregation_dtype must be float64 or float32, got {self.aggregation_dtype!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.eval_scorer not in ("loglik", "generate"):
-            raise ConfigError(f"eval_scorer must be loglik or generate, got {self.eval_scorer!r}")
-        if self.pad_to_multiple_of <= 0:
-            raise ConfigError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
-        if self.min_clients <= 0:
-            raise ConfigError(f"min_clients must be positive, got {self.min_clients}")
         from florist.privacy import check_config
 
         problem = check_config(self)
@@ -175,35 +148,82 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: dict[str, Any], *, source: str | Source = "config") -> RunConfig:
+        """A RunConfig from typed values (a YAML file's, a stored config's), each one checked and
+        named with ``source`` (a Source, or the name of the file) if it is bad."""
+        src = source if isinstance(source, Source) else file_source(source)
+        settings = run_settings()
+        unknown = sorted(str(k) for k in values if k not in settings)
         if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        # YAML 1.1 reads 1e-5 (no dot) as a string: a float setting takes the number it spells.
-        hints = typing.get_type_hints(cls)
-        values = dict(values)
-        for name, value in values.items():
-            if isinstance(value, str) and hints[name] in (float, float | None):
-                try:
-                    values[name] = float(value)
-                except ValueError:
-                    pass  # left as given: validate() names the setting
-        return cls(**values)
+            raise ConfigError(f"{src.where}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**{k: settings[k].parse(v, name=src.spell(k), source=src) for k, v in values.items()})
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
+    def from_yaml(cls, path: str | Path) -> RunConfig:
         import yaml
 
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read YAML config: {e}") from None
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, ValueError) as e:  # ValueError: bad UTF-8, a 5,000-digit int
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{path}: cannot read YAML config: {first}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: cannot read YAML config: nested too deeply") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config must be a mapping of setting: value")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(values, source=file_source(path))
+
+
+# Each RunConfig setting's range or choices; its type comes from the field's type hint.
+RUN_RANGES: dict[str, dict[str, Any]] = {
+    "num_clients": {"low": 1},
+    "method": {"choices": ALL_METHODS},
+    "threshold": {"low": 0.0, "low_open": True, "high": 1.0},  # tau
+    "num_communication_rounds": {"low": 1},
+    "client_selection_strategy": {"choices": ("random",)},
+    "client_selection_frac": {"low": 0.0, "low_open": True, "high": 1.0},
+    "min_clients": {"low": 1},
+    "local_batch_size": {"low": 1},
+    "local_micro_batch_size": {"low": 1},
+    "local_num_epochs": {"low": 1},
+    "local_learning_rate": {"low": 0.0},
+    "local_max_steps": {"low": 1},
+    "cutoff_len": {"low": 1},
+    "pad_to_multiple_of": {"low": 1},
+    "lora_r": {"low": 1},
+    "lora_alpha": {"low": 1},
+    "lora_dropout": {"low": 0.0, "high": 1.0, "high_open": True},
+    "local_ranks": {"low": 1},
+    "client_init": {"choices": CLIENT_INITS},
+    "seed": {"low": 0},  # numpy refuses negative seeds
+    "device": {"pattern": DEVICE_PATTERN, "described": DEVICE_WORDS},
+    "precision": {"choices": ("auto", "bf16", "fp32")},
+    "aggregation_dtype": {"choices": ("float64", "float32")},
+    "wire_dtype": {"choices": ("float32", "bfloat16", "float16", "float64")},
+    "max_samples_per_client": {"low": 1},
+    "eval_samples": {"low": 1},
+    "eval_scorer": {"choices": ("loglik", "generate")},
+    "dp_clip_norm": {"low": 0.0},  # 0: no DP
+    "dp_noise_multiplier": {"low": 0.0},
+    "dp_delta": {"low": 0.0, "low_open": True, "high": 1.0, "high_open": True},
+    "dp_mode": {"choices": DP_MODES},
+}
+
+
+@functools.cache
+def run_settings() -> dict[str, Setting]:
+    """Every RunConfig field's Setting: kind and None-ness from its type hint, range from RUN_RANGES."""
+    hints = typing.get_type_hints(RunConfig)
+    settings = {}
+    for f in dataclasses.fields(RunConfig):
+        hint, optional = hints[f.name], False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = True
+        kind, item = (list, typing.get_args(hint)[0]) if typing.get_origin(hint) is list else (hint, None)
+        settings[f.name] = Setting(kind, item, optional, **RUN_RANGES.get(f.name, {}))
+    return settings
 
 
 def method_from_paper_flags(

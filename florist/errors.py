@@ -45,6 +45,15 @@ def _run(fn: Callable[[], int | None]) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"florist: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # pathlib's resolve() reports a symlink loop so (Python < 3.13); florist.io.resolve_path
+        # names the setting, and this catches any path resolved elsewhere.
+        if not str(e).startswith("Symlink loop") or os.environ.get("FLORIST_DEBUG"):
+            raise
+        print(
+            f"florist: error: {str(e).splitlines()[0]} (a symlink that leads back to itself)", file=sys.stderr
+        )
+        return 2
     except Terminated:
         print("florist: terminated", file=sys.stderr)
         return 143  # 128 + SIGTERM, as the shell reports a process it terminated

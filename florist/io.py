@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -46,9 +47,16 @@ def _remove_leftovers(path: Path) -> None:
                     entry.unlink()
 
 
+def _target(path: str | os.PathLike[str]) -> Path:
+    """Where writing ``path`` lands: a symlink's target (renaming over the link would replace the
+    link itself), and a symlink loop refused in one line rather than written over."""
+    path = Path(path)
+    return resolve_path(path, "output") if path.is_symlink() else path
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename over ``path``."""
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -73,16 +81,39 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write ``obj`` as strict JSON: a NaN or Infinity (which strict parsers refuse) is written as
+    null with a ``<key>_note`` beside it saying what it was, unless the writer gave its own note."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_save_safetensors(
     path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
+    """Write ``tensors`` as one safetensors file; a NaN or Inf anywhere is refused, naming the
+    file and the tensor, so no adapter or checkpoint that would poison a model is ever written."""
+    import torch
     from safetensors.torch import save as safetensors_save  # not at import: `florist --help` stays light
 
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteTensor(f"{path}: tensor {key!r} contains NaN or Inf; refusing to write it")
     data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
+
+
+class NonFiniteTensor(FloristError, ValueError):
+    """A tensor about to be written holds NaN or Inf."""
+
+
+def resolve_path(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` made absolute with its symlinks resolved; a symlink loop is a one-line error
+    naming ``what`` (pathlib raises RuntimeError for it, with a traceback)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        reason = "a symlink loop" if "loop" in str(e).lower() else (getattr(e, "strerror", None) or str(e))
+        raise FloristError(f"{what} {path}: cannot resolve the path ({reason})") from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -100,7 +131,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
     If the body raises, the temporary directory is removed and ``path`` is untouched, so a
     failed command never leaves half-written outputs.
     """
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
@@ -129,14 +160,43 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = True) ->
     _remove_leftovers(path)
 
 
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "detach"):  # a torch.Tensor
-        return obj.detach().cpu().tolist()
+def strict_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values (tensors and numpy values as lists and numbers, paths as
+    strings), with every non-finite float replaced by null and named in a ``<key>_note``."""
+    return _strict(obj)[0]
+
+
+def _strict(obj: Any) -> tuple[Any, str | None]:
+    """(the plain value, a note on the non-finite numbers it held, or None)."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj, None
+        return None, f"{_non_finite_name(obj)}: not a finite number, written as null"
+    if obj is None or isinstance(obj, (str, int)):
+        return obj, None
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            out[key], note = _strict(value)
+            if note and f"{key}_note" not in obj:
+                out[f"{key}_note"] = note
+        return out, None
+    if isinstance(obj, (list, tuple)):
+        items = [_strict(v) for v in obj]
+        bad = [i for i, (_, note) in enumerate(items) if note]
+        note = f"entries {', '.join(map(str, bad))} were not finite (NaN or Infinity), written as null"
+        return [v for v, _ in items], note if bad else None
     if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
+        return str(obj), None
+    if hasattr(obj, "detach"):  # a torch.Tensor
+        return _strict(obj.detach().cpu().tolist())
+    if hasattr(obj, "tolist"):  # a numpy array or scalar
+        return _strict(obj.tolist())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _non_finite_name(x: float) -> str:
+    return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
 
 
 LOCK_FILE = ".florist.lock"
@@ -186,6 +246,7 @@ def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
     empty at the end is removed again: a run that failed early leaves nothing behind.
     """
     directory = Path(directory)
+    resolve_path(directory, "output directory")  # a symlink loop: one line, not "File exists"
     created = not directory.exists()
     path = directory / LOCK_FILE
     try:

@@ -54,6 +54,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -295,8 +296,8 @@ def privacy_report(cfg: Any, rounds: Sequence[dict[str, Any]]) -> dict[str, Any]
         return None
     z, delta = float(cfg.dp_noise_multiplier), float(cfg.dp_delta)
     releases = releases_per_round(cfg.dp_mode, [r["clients"] for r in rounds])
-    per_round = [epsilon(z, n, delta) for n in releases]
-    return {
+    per_round = [_finite_epsilon(z, n, delta) for n in releases]
+    report = {
         "mode": cfg.dp_mode,
         "clip_norm": float(cfg.dp_clip_norm),
         "noise_multiplier": z,
@@ -306,6 +307,24 @@ def privacy_report(cfg: Any, rounds: Sequence[dict[str, Any]]) -> dict[str, Any]
         "releases": releases[-1] if releases else 0,
         "accountant": ACCOUNTANT,
     }
+    if None in per_round:
+        report["epsilon_note"] = _infinite_epsilon_note(z)
+    return report
+
+
+def _finite_epsilon(noise_multiplier: float, releases: int, delta: float) -> float | None:
+    """``epsilon``, or None where it is infinite (strict JSON has no Infinity; a note says why)."""
+    with warnings.catch_warnings():  # numpy's overflow warning: the infinite result says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eps = epsilon(noise_multiplier, releases, delta)
+    return eps if math.isfinite(eps) else None
+
+
+def _infinite_epsilon_note(z: float) -> str:
+    return (
+        f"epsilon is infinite (written as null): noise multiplier {z!r} is too small for the "
+        "accountant to bound the privacy loss, so there is no privacy guarantee"
+    )
 
 
 def dp_enabled(cfg: Any) -> bool:
@@ -330,14 +349,7 @@ def check_config(cfg: Any) -> str | None:
     """The one-line reason ``cfg``'s privacy settings are invalid, or None."""
     from florist.aggregation import AGGREGATORS
 
-    if cfg.dp_mode not in DP_MODES:
-        return f"dp_mode must be local or central, got {cfg.dp_mode!r}"
-    for name in ("dp_clip_norm", "dp_noise_multiplier", "dp_delta"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{name} must be a finite number, got {value!r}"
-    if cfg.dp_clip_norm < 0 or cfg.dp_noise_multiplier < 0:
-        return "dp_clip_norm and dp_noise_multiplier must not be negative"
+    # Types and ranges (finite, >= 0, delta in (0, 1), the mode) are RunConfig's settings' checks.
     linear = AGGREGATORS[cfg.method].linear_in_uploads
     if cfg.secure_aggregation and not linear:
         return (
@@ -359,8 +371,12 @@ def check_config(cfg: Any) -> str | None:
         return None
     if cfg.dp_noise_multiplier <= 0:
         return "--dp_clip_norm needs --dp_noise_multiplier z > 0 (without noise, epsilon is infinite)"
-    if not 0.0 < cfg.dp_delta < 1.0:
-        return f"dp_delta must be in (0, 1), got {cfg.dp_delta}"
+    rounds = int(cfg.num_communication_rounds)  # no client is released more often than once a round
+    if _finite_epsilon(float(cfg.dp_noise_multiplier), rounds, float(cfg.dp_delta)) is None:
+        return (
+            f"--dp_noise_multiplier {cfg.dp_noise_multiplier!r} is too small: epsilon would be infinite "
+            f"after {rounds} round(s), which is no privacy guarantee; use a larger noise multiplier"
+        )
     if cfg.dp_mode == "central":
         if not linear:
             return (
@@ -407,8 +423,10 @@ def round_privacy(
     A Flower server under local DP never sees a norm: it would leak."""
     releases = releases_per_round(cfg.dp_mode, [r["clients"] for r in rounds])[-1]
     entry: dict[str, Any] = {
-        "epsilon": epsilon(float(cfg.dp_noise_multiplier), releases, float(cfg.dp_delta))
+        "epsilon": _finite_epsilon(float(cfg.dp_noise_multiplier), releases, float(cfg.dp_delta))
     }
+    if entry["epsilon"] is None:
+        entry["epsilon_note"] = _infinite_epsilon_note(float(cfg.dp_noise_multiplier))
     if norms is not None:
         entry["clipped"] = sum(1 for n in norms.values() if n > cfg.dp_clip_norm)
     return entry

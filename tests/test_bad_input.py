@@ -104,24 +104,36 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
         [],
         ["{data}/3", "local_training_3.json beyond the first 3"],
     ),
-    "tau above 1": (lambda d: None, ["--threshold", "1.5"], ["threshold (tau) must be in (0, 1], got 1.5"]),
-    "tau zero": (lambda d: None, ["--threshold", "0"], ["threshold (tau) must be in (0, 1], got 0"]),
+    "tau above 1": (
+        lambda d: None,
+        ["--threshold", "1.5"],
+        ["command line: --threshold must be a finite number in (0, 1], got 1.5"],
+    ),
+    "tau zero": (
+        lambda d: None,
+        ["--threshold", "0"],
+        ["--threshold must be a finite number in (0, 1], got 0"],
+    ),
     "negative tau": (
         lambda d: None,
         ["--threshold", "-0.2"],
-        ["threshold (tau) must be in (0, 1], got -0.2"],
+        ["--threshold must be a finite number in (0, 1], got -0.2"],
     ),
-    "rank zero": (lambda d: None, ["--lora_r", "0"], ["lora_r must be positive, got 0"]),
-    "negative rank": (lambda d: None, ["--lora_r", "-4"], ["lora_r must be positive, got -4"]),
+    "rank zero": (
+        lambda d: None,
+        ["--lora_r", "0"],
+        ["command line: --lora_r must be an integer >= 1, got 0"],
+    ),
+    "negative rank": (lambda d: None, ["--lora_r", "-4"], ["--lora_r must be an integer >= 1, got -4"]),
     "a heterogeneous rank zero": (
         lambda d: None,
         ["--heter", "True", "--local_ranks", "4,0,2"],
-        ["local_ranks must all be positive, got [4, 0, 2]"],
+        ["--local_ranks must be a comma-separated list of integers >= 1, got 4,0,2"],
     ),
     "target module absent": (lambda d: None, ["--lora_target_modules", "nope_proj"], ["nope_proj"]),
     # a typo in one of several targets must not silently adapt only the others
     "one target module absent": (lambda d: None, ["--lora_target_modules", "q_proj,v_prj"], ["v_prj"]),
-    "unknown method": (lambda d: None, ["--method", "fedavg"], ["method must be one of"]),
+    "unknown method": (lambda d: None, ["--method", "fedavg"], ["--method must be one of", "got fedavg"]),
 }
 
 
@@ -183,5 +195,8 @@ def test_paper_main_py_with_a_bad_threshold(tmp_path: Path, federated_data) -> N
         cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "florist: error: threshold (tau) must be in (0, 1], got 1.5"
+    assert (
+        proc.stderr.strip()
+        == "florist: error: main.py: --threshold must be a finite number in (0, 1], got 1.5"
+    )
     assert proc.stdout == "" and not out.exists()

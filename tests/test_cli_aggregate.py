@@ -264,7 +264,7 @@ def test_aggregate_loads_only_torch_and_safetensors_and_its_help_nothing(good_pa
     proc, imported = _imports_of(
         ["aggregate", "--out", str(tmp_path / "o"), "--threshold", "2", *map(str, good_pair)]
     )
-    assert proc.returncode == 2 and "--threshold (tau) must be in (0, 1]" in proc.stderr
+    assert proc.returncode == 2 and "--threshold must be a finite number in (0, 1], got 2" in proc.stderr
     assert imported == set()
     # Aggregating reads and writes PEFT directories without peft or transformers.
     out = tmp_path / "out"
@@ -517,4 +517,14 @@ def test_float32_overflow_is_an_error_not_an_inf_adapter(
     err = capsys.readouterr().err
     assert "float32" in err and "--dtype float64" in err, err
     assert not out.exists()
-    assert aggregate("--method", method, "--out", out, *dirs) == 0  # float64 copes
+    # float64 arithmetic is finite, but adapters are written in float32, where it would be Inf
+    # (once written as such, with exit 0).
+    assert aggregate("--method", method, "--out", out, *dirs) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"module '{Q1}'" in err and "overflows float32" in err, err
+    assert "--dtype" not in err and not out.exists()
+    # What does fit float32 is written, and is finite.
+    _edit_tensors(dirs[1], lambda t: t[_key(Q1, "B")].fill_(1e30))
+    assert aggregate("--method", method, "--out", out, *dirs) == 0
+    written = load_file(out / "adapter_model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in written.values())

@@ -351,8 +351,9 @@ def test_central_dp_and_secure_aggregation_allowed_for_linear_methods(method):
         ({"dp_noise_multiplier": 1.0}, "needs --dp_clip_norm C > 0"),
         ({"dp_mode": "central"}, "needs --dp_clip_norm C > 0"),
         ({"dp_clip_norm": 1.0}, "needs --dp_noise_multiplier z > 0"),
-        ({"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta must be in (0, 1)"),
-        ({"dp_clip_norm": -1.0}, "must not be negative"),
+        ({"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp_delta must be a finite number in (0, 1), got 1.0"),
+        ({"dp_clip_norm": -1.0}, "dp_clip_norm must be a finite number >= 0, got -1.0"),
+        ({"dp_clip_norm": 1.0, "dp_noise_multiplier": 1e-320}, "--dp_noise_multiplier 1e-320 is too small: epsilon would be infinite"),
         ({"dp_clip_norm": float("nan")}, "dp_clip_norm must be a finite number"),
         ({"dp_mode": "global"}, "dp_mode must be local or central"),
     ],
@@ -456,7 +457,7 @@ def test_main_py_maps_the_privacy_flags():
     )
     with pytest.raises(ConfigError, match="--dp_mode central is not valid for florist"):
         paper.build_config(florist=True, dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_mode="central")
-    with pytest.raises(ConfigError, match="--dp_clip_norm must be a number"):
+    with pytest.raises(ConfigError, match="main.py: --dp_clip_norm must be a finite number >= 0, got 'one'"):
         paper.build_config(dp_clip_norm="one")
 
 
@@ -997,7 +998,9 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
     cfg = RunConfig.from_yaml(tmp_path / "run.yaml").validate()
     assert (cfg.dp_delta, cfg.dp_clip_norm, cfg.dp_noise_multiplier) == (1e-5, 1.0, 2.0)
     (tmp_path / "bad.yaml").write_text("dp_delta: tiny\n")
-    with pytest.raises(ConfigError, match="dp_delta must be a finite number, got 'tiny'"):
+    with pytest.raises(
+        ConfigError, match="bad.yaml: dp_delta must be a finite number in \\(0, 1\\), got 'tiny'"
+    ):
         RunConfig.from_yaml(tmp_path / "bad.yaml").validate()
 
 

@@ -31,6 +31,8 @@ from florist.adapter_files import (
     AdapterError,
 )
 from florist.config import ALL_METHODS
+from florist.io import resolve_path
+from florist.settings import Setting, check_args, clip, one_line_errors
 
 # torch, the aggregators and the adapter reader are imported when the command runs, so that
 # `--help` and argument errors answer at once; aggregating never imports peft or transformers.
@@ -38,6 +40,17 @@ SUMMARY_FILE = "summary.json"
 BASE_UPDATE_DIR = "base_update"
 DTYPES = ("float64", "float32")  # torch dtype names
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+DECOMPOSITIONS = ("qr", "svd", "dense")
+# Every flag's type and range, checked by florist.settings.check_args (one line naming the flag).
+FLAGS = {
+    "--method": Setting(str, choices=ALL_METHODS),
+    "--threshold": Setting(float, optional=True, low=0.0, low_open=True, high=1.0),
+    "--dtype": Setting(str, choices=DTYPES),
+    "--decomposition": Setting(str, optional=True, choices=DECOMPOSITIONS),
+    "--regularization": Setting(float, optional=True, low=0.0),
+    "--wire-dtype": Setting(str, choices=WIRE_DTYPES),
+    "--max-bytes": Setting(int, low=1),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,23 +63,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "clients", nargs="*", metavar="CLIENT_DIR", help="PEFT adapter directories, one per client"
     )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default="florist", choices=ALL_METHODS)
     p.add_argument(
-        "--threshold", type=float, default=None, help="FLoRIST energy threshold tau in (0, 1] (default 0.9)"
+        "--method", default="florist", help=f"{FLAGS['--method'].description()} (default: florist)"
     )
+    p.add_argument("--threshold", default=None, help="FLoRIST energy threshold tau in (0, 1] (default 0.9)")
     p.add_argument(
         "--num-examples",
         default=None,
         help=f"comma-separated example counts, one per client (default: {CLIENT_INFO_FILE} or "
         f"{NUM_EXAMPLES_FILE} in each client directory)",
     )
-    p.add_argument("--dtype", default="float64", choices=DTYPES, help="aggregation arithmetic")
-    p.add_argument(
-        "--decomposition", default=None, choices=("qr", "svd", "dense"), help="SVD route (FLoRIST)"
-    )
+    p.add_argument("--dtype", default="float64", help="aggregation arithmetic: float64 or float32")
+    p.add_argument("--decomposition", default=None, help="SVD route (FLoRIST): qr, svd or dense")
     p.add_argument(
         "--regularization",
-        type=float,
         default=None,
         help="LoRA-FAIR's λ (default 0.01, relative to tr(ĀĀᵀ)/r)",
     )
@@ -77,11 +87,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="HetLoRA: weight S_k by the data weights p_k too (not in the paper)",
     )
-    p.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES, help="dtype for byte counts")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted adapter file")
+    p.add_argument(
+        "--wire-dtype",
+        default="float32",
+        help=f"dtype for byte counts: {FLAGS['--wire-dtype'].description()}",
+    )
+    p.add_argument("--max-bytes", default=DEFAULT_MAX_BYTES, help="largest accepted adapter file")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path for the output config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing florist aggregate output")
     p.set_defaults(func=run_aggregate)
+    one_line_errors(p)
 
 
 # --- argument checks -----------------------------------------------------------------------
@@ -97,18 +112,21 @@ def _parse_num_examples(text: str | None, clients: list[Path]) -> list[int | Non
     for client, part in zip(clients, parts):
         # Plain ASCII decimals only: int() would also take "1_000" and other scripts' digits.
         if not (part.isascii() and part.isdigit()):
-            raise AdapterError(f"{client}: --num-examples value {part!r} is not a plain decimal integer")
-        n = int(part)
-        if not 0 < n <= MAX_NUM_EXAMPLES:
-            raise AdapterError(f"{client}: --num-examples value {part!r} must be from 1 to 2**53")
-        counts.append(n)
+            raise AdapterError(
+                f"{client}: --num-examples value {clip(repr(part))} is not a plain decimal integer"
+            )
+        # 2**53 has 16 digits; a longer value is never converted (int() refuses 4,300 digits with
+        # an error that names no flag).
+        if len(part) > 16 or not 0 < int(part) <= MAX_NUM_EXAMPLES:
+            raise AdapterError(f"{client}: --num-examples value {clip(repr(part))} must be from 1 to 2**53")
+        counts.append(int(part))
     return counts
 
 
 def _check_out(out: Path, clients: list[Path], overwrite: bool) -> None:
-    resolved = out.resolve()
+    resolved = resolve_path(out, "--out")
     for client in clients:
-        c = client.resolve()
+        c = resolve_path(client, "client directory")
         if resolved == c or resolved.is_relative_to(c) or c.is_relative_to(resolved):
             raise AdapterError(f"--out {out} overlaps the client directory {client}")
     if not out.exists():
@@ -129,10 +147,7 @@ def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
         raise AdapterError(f"--threshold applies to --method florist, not {args.method}")
     options: dict[str, Any] = {}
     if args.method == "florist":
-        tau = 0.9 if args.threshold is None else args.threshold
-        if not (0.0 < tau <= 1.0):
-            raise AdapterError(f"--threshold (tau) must be in (0, 1], got {tau}")
-        options["threshold"] = tau
+        options["threshold"] = 0.9 if args.threshold is None else args.threshold
     given = {k: getattr(args, k) for k in ("decomposition", "regularization", "data_weights")}
     given = {k: v for k, v in given.items() if v is not None}
     if given:
@@ -143,8 +158,6 @@ def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
             if key not in accepted:
                 raise AdapterError(f"--{key.replace('_', '-')} does not apply to --method {args.method}")
             options[key] = value
-        if given.get("regularization", 0.0) < 0:
-            raise AdapterError(f"--regularization (lambda) must be >= 0, got {given['regularization']}")
     return options
 
 
@@ -201,32 +214,45 @@ def _base_model(described: list[dict[str, Any]], override: str | None) -> str | 
 
 
 def _check_finite(result, dtype: str) -> None:
+    """Every output as it will be written (float32): finite uploads can still sum past the
+    float32 range, in the aggregate or in FedEx's base_update; never write such an adapter."""
     import torch
 
-    # Finite uploads can still sum past the float32 range; never write such an adapter.
-    adapters = [result.adapter] if result.per_client is None else list(result.per_client.values())
-    for adapter in adapters:
+    from florist.adapters import non_finite
+
+    outputs = (
+        {"aggregate": result.adapter}
+        if result.per_client is None
+        else {f"aggregate for client {cid}": adapter for cid, adapter in result.per_client.items()}
+    )
+    if result.base_update is not None:
+        outputs[BASE_UPDATE_DIR] = result.base_update
+    for what, adapter in outputs.items():
         for name, f in adapter.items():
-            if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all())):
-                hint = "; try --dtype float64" if dtype == "float32" else ""
-                raise AdapterError(
-                    f"module {name!r}: the {result.method} aggregate is not finite (overflow in {dtype}){hint}"
-                )
+            for factor in ("A", "B"):
+                tensor = getattr(f, factor)
+                problem = non_finite(tensor, tensor.to(torch.float32))
+                if problem:
+                    hint = "; try --dtype float64" if dtype == "float32" else ""
+                    raise AdapterError(
+                        f"module {name!r}: the {result.method} {what}'s lora_{factor} {problem} "
+                        f"(computed in {dtype}, written in float32){hint}"
+                    )
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
+    check_args(args, FLAGS)
     clients = [Path(c) for c in args.clients]
     if not clients:
         raise AdapterError("no client directories given (zero clients)")
     seen: dict[Path, Path] = {}
     for client in clients:
-        if client.resolve() in seen:
+        resolved = resolve_path(client, "client directory")
+        if resolved in seen:
             raise AdapterError(
-                f"{client}: the same client directory is given twice (also as {seen[client.resolve()]})"
+                f"{client}: the same client directory is given twice (also as {seen[resolved]})"
             )
-        seen[client.resolve()] = client
-    if args.max_bytes <= 0:
-        raise AdapterError(f"--max-bytes must be positive, got {args.max_bytes}")
+        seen[resolved] = client
     out = Path(args.out)
     _check_out(out, clients, args.overwrite)
     counts = _parse_num_examples(args.num_examples, clients)

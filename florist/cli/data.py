@@ -32,6 +32,7 @@ from florist.data import (
     write_split,
 )
 from florist.errors import FloristError
+from florist.settings import Setting, check_args, one_line_errors
 
 # name -> (Hub repository, config, output file) for the instruction data sets.
 HUB_DATASETS: dict[str, tuple[str, str | None, str]] = {
@@ -47,6 +48,17 @@ KEEP_FIELDS = {
     "wizard": ("instruction", "output"),
 }
 HUB_PROBE_TIMEOUT_S = 10.0
+# Every numeric or enumerated flag's type and range (florist.settings.check_args: one line naming it).
+INFO_FLAGS = {"--num-clients": Setting(int, low=1)}
+SPLIT_FLAGS = {
+    **INFO_FLAGS,
+    "--mode": Setting(str, choices=SPLIT_MODES),
+    "--alpha": Setting(float, low=0.0, low_open=True),
+    "--test-per-label": Setting(int, low=0),
+    "--seed": Setting(int, low=0),
+    "--shards-per-client": Setting(int, low=1),
+    "--min-client-size": Setting(int, low=0),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,31 +73,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "input", metavar="INPUT", help="a JSON array or JSON lines file (Dolly, Alpaca or Wizard format)"
     )
-    s.add_argument("--num-clients", type=int, required=True, help="K, the number of clients")
+    s.add_argument("--num-clients", required=True, help="K, the number of clients")
     s.add_argument("--out", required=True, help="D: the split is written to D/K/")
-    s.add_argument("--mode", default="dirichlet", choices=SPLIT_MODES)
-    s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
+    s.add_argument("--mode", default="dirichlet", help=f"{', '.join(SPLIT_MODES)} (default: %(default)s)")
+    s.add_argument("--alpha", default=0.5, help="Dirichlet concentration > 0 (smaller = more skewed)")
     s.add_argument("--label-field", default="category", help="the record field that defines the labels")
-    s.add_argument(
-        "--test-per-label", type=int, default=10, help="records per label held out as global_test.json"
-    )
-    s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--shards-per-client", type=int, default=2)
-    s.add_argument(
-        "--min-client-size", type=int, default=40, help="dirichlet: redraw until every client has this many"
-    )
+    s.add_argument("--test-per-label", default=10, help="records per label held out as global_test.json")
+    s.add_argument("--seed", default=42)
+    s.add_argument("--shards-per-client", default=2)
+    s.add_argument("--min-client-size", default=40, help="dirichlet: redraw until every client has this many")
     s.add_argument("--force", action="store_true", help="replace an existing D/K/")
     s.set_defaults(func=cmd_split)
+    one_line_errors(s)
 
     f = sub.add_parser("fetch", help="download a public data set from the Hugging Face Hub (needs internet)")
     f.add_argument("name", choices=sorted(HUB_DATASETS))
     f.add_argument("--out", required=True, help="directory to write into")
     f.set_defaults(func=cmd_fetch)
+    one_line_errors(f)
 
     i = sub.add_parser("info", help="describe a client split: records and labels per client")
     i.add_argument("data_path", metavar="D")
-    i.add_argument("--num-clients", type=int, required=True)
+    i.add_argument("--num-clients", required=True)
     i.set_defaults(func=cmd_info)
+    one_line_errors(i)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +104,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from florist.io import sha256_file  # imported here: florist.io pulls in torch
+    check_args(args, SPLIT_FLAGS)
+    from florist.io import resolve_path, sha256_file
+
+    resolve_path(args.out, "--out")  # a symlink loop: one line naming the flag
 
     path = Path(args.input)
     records = load_records(path)
@@ -215,6 +229,7 @@ def _write_mmlu(splits: dict[str, Any], target: Path) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    check_args(args, INFO_FLAGS)
     clients = load_client_datasets(args.data_path, args.num_clients)
     report: dict[str, Any] = {
         "data_path": str(args.data_path),

@@ -27,12 +27,26 @@ from typing import TYPE_CHECKING, Any
 
 import florist
 from florist.errors import FloristError
-from florist.io import atomic_write_json
+from florist.io import atomic_write_json, resolve_path
+from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args, one_line_errors
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "bfloat16")  # torch dtype names; torch is imported when the command runs
+SCORERS = ("loglik", "generate", "both")
+# Every flag's type and range, checked by florist.settings.check_args (one line naming the flag).
+FLAGS = {
+    "--scorer": Setting(str, choices=SCORERS),
+    "--eval_samples": Setting(int, optional=True, low=1),
+    "--max_heldout": Setting(int, optional=True, low=1),
+    "--kshot": Setting(int, low=0),
+    "--batch_size": Setting(int, low=1),
+    "--cutoff_len": Setting(int, low=1),
+    "--device": Setting(str, pattern=DEVICE_PATTERN, described=DEVICE_WORDS),
+    "--dtype": Setting(str, choices=DTYPES),
+    "--seed": Setting(int, low=0),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,30 +61,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mmlu", default=None, help="MMLU: the 1,444-question subset file or a full MMLU directory"
     )
-    p.add_argument("--scorer", default="loglik", choices=("loglik", "generate", "both"))
+    p.add_argument("--scorer", default="loglik", help="loglik, generate or both (default: %(default)s)")
     p.add_argument(
         "--eval_samples",
         "--eval-samples",
-        type=int,
         default=None,
         help="stratified MMLU subset of N questions",
     )
     p.add_argument(
         "--heldout", default=None, help="held-out instruction data (e.g. dolly/8/global_test.json)"
     )
-    p.add_argument(
-        "--max_heldout", "--max-heldout", type=int, default=None, help="use the first N held-out records"
-    )
+    p.add_argument("--max_heldout", "--max-heldout", default=None, help="use the first N held-out records")
     p.add_argument(
         "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
     )
     p.add_argument("--out", default="eval_results.json", help="JSON results file (default: %(default)s)")
-    p.add_argument("--kshot", type=int, default=0, help="k solved dev/ exemplars before each question")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
-    p.add_argument("--cutoff_len", "--cutoff-len", type=int, default=512, help="held-out truncation")
+    p.add_argument("--kshot", default=0, help="k solved dev/ exemplars before each question")
+    p.add_argument("--batch_size", "--batch-size", default=8)
+    p.add_argument("--cutoff_len", "--cutoff-len", default=512, help="held-out truncation")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--seed", default=42)
     p.add_argument("--predictions", action="store_true", help="also write every question's prediction")
     p.add_argument(
         "--lm_eval",
@@ -79,6 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also score MMLU with lm-evaluation-harness (pip install 'florist[lmeval]'), from local files",
     )
     p.set_defaults(func=run_eval)
+    one_line_errors(p)
 
 
 # --- what is being evaluated ---------------------------------------------------------------
@@ -212,14 +224,8 @@ def _load_heldout(path: Path) -> list[dict]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("eval_samples", "max_heldout"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise FloristError(f"--{name} must be positive, got {value}")
-    if args.kshot < 0:
-        raise FloristError(f"--kshot must be >= 0, got {args.kshot}")
-    if args.batch_size <= 0:
-        raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
+    check_args(args, FLAGS)
+    resolve_path(args.out, "--out")  # a symlink loop is refused now, not after the evaluation
     if args.lm_eval and importlib.util.find_spec("lm_eval") is None:
         raise FloristError(
             "--lm_eval needs lm-evaluation-harness: pip install 'florist[lmeval]' (or lm-eval)"
@@ -227,12 +233,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    _check_args(args)  # before the imports: bad flags answer at once
     import torch
 
     from florist.evaluation.heldout import heldout_loss
     from florist.evaluation.mmlu import evaluate_mmlu, load_mmlu, load_mmlu_dev
 
-    _check_args(args)
     started = time.perf_counter()
     target = resolve_target(args.target, args.base)
     mmlu_path, heldout_path, notes = find_inputs(target, args.mmlu, args.heldout)

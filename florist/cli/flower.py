@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from florist.config import RunConfig
-from florist.flower.app_config import FLOWER_DEFAULTS, FlowerOptions, write_app_project
+from florist.flower.app_config import FLOWER_DEFAULTS, FLOWER_SETTINGS, FlowerOptions, write_app_project
+from florist.settings import check_args, one_line_errors
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,24 +24,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     app.add_argument(
         "--config", type=Path, help="a run.yaml (as for `florist run --config`) for the defaults"
     )
-    app.add_argument(
-        "--round-timeout", type=float, default=FLOWER_DEFAULTS["round-timeout"], help="seconds per round"
-    )
+    app.add_argument("--round-timeout", default=FLOWER_DEFAULTS["round-timeout"], help="seconds per round")
     app.add_argument(
         "--node-wait-timeout",
-        type=float,
         default=FLOWER_DEFAULTS["node-wait-timeout"],
         help="seconds to wait for the SuperNodes before round 1",
     )
     app.set_defaults(func=_app)
+    one_line_errors(app)
 
 
 def _app(args: argparse.Namespace) -> int:
+    check_args(args, {f"--{key}": setting for key, setting in FLOWER_SETTINGS.items()})
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     cfg.validate()
     options = FlowerOptions(round_timeout=args.round_timeout, node_wait_timeout=args.node_wait_timeout)
-    if options.round_timeout <= 0 or options.node_wait_timeout <= 0:
-        raise ValueError("--round-timeout and --node-wait-timeout must be positive")
     directory = write_app_project(args.directory, cfg, options)
     print(f"wrote {directory / 'pyproject.toml'}; start it with: flwr run {directory} <connection>")
     return 0

@@ -9,67 +9,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from typing import Any
 
-from florist.config import RunConfig
-
-
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def _list_of(item: type) -> Any:
-    def parse(text: str) -> list:
-        try:
-            return [item(x.strip()) for x in str(text).split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {item.__name__}, got {text!r}"
-            ) from None
-
-    return parse
-
-
-def _flag_type(hint: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse ``type`` and extra kwargs for a RunConfig field's type hint."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        hint = args[0]  # Optional[X] -> X
-    if hint is bool:
-        return parse_bool, {"nargs": "?", "const": True}
-    if typing.get_origin(hint) is list:
-        return _list_of(typing.get_args(hint)[0]), {}
-    return hint, {}
+from florist.config import RunConfig, run_settings
+from florist.settings import COMMAND_LINE, one_line_errors
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; defaults are None so YAML values survive unless overridden."""
-    hints = typing.get_type_hints(RunConfig)
+    """One flag per RunConfig field, taken as text and checked by its Setting (config_from_args);
+    defaults are None so that YAML values survive unless a flag overrides them."""
     group = parser.add_argument_group("run settings (RunConfig)")
     for f in dataclasses.fields(RunConfig):
-        kind, extra = _flag_type(hints[f.name])
+        setting = run_settings()[f.name]
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if setting.kind is bool else {}  # bare --resume
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(
-            *names, dest=f.name, type=kind, default=None, help=f"(default: {default})", **extra
+            *names, dest=f.name, default=None, help=f"{setting.description()} (default: {default})", **extra
         )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    """The flags (each checked and named as a flag) over the ``--config`` file (named by its path)."""
+    settings = run_settings()
+    flags = {
+        name: settings[name].parse(value, name=COMMAND_LINE.spell(name), source=COMMAND_LINE)
+        for name, value in vars(args).items()
+        if name in settings and value is not None
+    }
     if getattr(args, "config", None):
-        return RunConfig.from_yaml(args.config, **values)
-    return RunConfig.from_dict(values, source="command line")
+        return dataclasses.replace(RunConfig.from_yaml(args.config), **flags)
+    return RunConfig(**flags)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -82,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--config", help="YAML file of RunConfig settings; flags override it")
     add_config_flags(parser)
     parser.set_defaults(func=run)
+    one_line_errors(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,8 +106,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
     lines.append(f"Eff total: {metrics['eff_total']:.4e}")
     dp = metrics.get("privacy")
     if dp:
+        eps = "unbounded" if dp["epsilon"] is None else f"{dp['epsilon']:.3g}"  # see epsilon_note
         lines.append(
-            f"privacy: {dp['mode']} DP, epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} "
+            f"privacy: {dp['mode']} DP, epsilon {eps} at delta {dp['delta']:g} "
             f"(clip C={dp['clip_norm']:g}, noise multiplier z={dp['noise_multiplier']:g})"
         )
     before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}

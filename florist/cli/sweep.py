@@ -11,8 +11,20 @@ import argparse
 from typing import Any
 
 from florist.cli.run import add_config_flags, config_from_args
+from florist.settings import Setting, check_args, one_line_errors
 
 HETER_CHOICES = {"both": (False, True), "true": (True,), "false": (False,)}
+SELECT_BY = ("auto", "mmlu", "heldout", "loss")
+CLIENT_INITS = ("auto", "shared", "per_client", "both")
+# The sweep's own flags (RunConfig's are checked by config_from_args); --methods and
+# --thresholds are parsed by florist.sweep.
+FLAGS = {
+    "--heter": Setting(str, choices=tuple(HETER_CHOICES)),
+    "--e-tolerance": Setting(float, optional=True, low=0.0),
+    "--select-by": Setting(str, choices=SELECT_BY),
+    "--client-init": Setting(str, choices=CLIENT_INITS),
+}
+DESTS = {"--heter": "heter_mode", "--client-init": "sweep_client_init"}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,7 +42,6 @@ def add_parser(subparsers: Any) -> None:
         "--heter",
         dest="heter_mode",
         type=str.lower,
-        choices=sorted(HETER_CHOICES),
         default="both",
         help="rank settings: homogeneous (false), heterogeneous (true) or both (default)",
     )
@@ -46,7 +57,6 @@ def add_parser(subparsers: Any) -> None:
         "--e-tolerance",
         "--e_tolerance",
         dest="e_tolerance",
-        type=float,
         default=None,
         help="FLoRIST-E: the highest-Eff τ whose score is within this of FLoRIST-O's "
         "(default 1 accuracy point, or 0.005 nats with --select-by loss)",
@@ -55,7 +65,6 @@ def add_parser(subparsers: Any) -> None:
         "--select-by",
         "--select_by",
         dest="select_by",
-        choices=["auto", "mmlu", "heldout", "loss"],
         default="auto",
         help="score that ranks τ: MMLU macro accuracy, held-out token accuracy, held-out loss, "
         "or auto (MMLU when evaluated, else held-out accuracy)",
@@ -65,7 +74,6 @@ def add_parser(subparsers: Any) -> None:
         "--client_init",
         dest="sweep_client_init",
         type=str.lower,
-        choices=["auto", "shared", "per_client", "both"],
         default="auto",
         help="how each round's clients draw their fresh LoRA: each method's default (auto: shared for "
         "FedIT and FFA-LoRA, per-client for the others, as in the authors' code), shared or per_client "
@@ -82,14 +90,16 @@ def add_parser(subparsers: Any) -> None:
         "--no-report", dest="report", action="store_false", help="skip the plots and report.md"
     )
     parser.set_defaults(func=run)
+    one_line_errors(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from florist.sweep import run_sweep
-
+    check_args(args, FLAGS, DESTS)
     if args.output_dir is None and not args.config:
         args.output_dir = "./florist-sweep"
     cfg = config_from_args(args)
+    from florist.sweep import run_sweep
+
     sweep = run_sweep(
         cfg,
         methods=args.methods,

@@ -13,14 +13,14 @@ Run-config keys are the ``RunConfig`` field names with dashes (``num-communicati
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from florist.config import ConfigError, RunConfig
+from florist.config import RunConfig, run_settings
 from florist.io import atomic_write_text
+from florist.settings import RUN_CONFIG, Setting
 
 APP_NAME = "florist-flower"
 SERVERAPP = "florist.flower.server_app:app"
@@ -33,9 +33,8 @@ FLOWER_DEFAULTS: dict[str, float] = {
     # Seconds the server waits for num-clients SuperNodes to connect before round 1.
     "node-wait-timeout": 600.0,
 }
-# RunConfig fields whose None is written as 0 (counts) or "" (paths).
-_OPTIONAL_INT = {"local_max_steps", "max_samples_per_client", "eval_samples"}
-_LIST_FIELDS = {"lora_target_modules": str, "local_ranks": int}
+# Their types and ranges, checked as RunConfig's settings are (one line naming the key).
+FLOWER_SETTINGS = {key: Setting(float, low=0.0, low_open=True) for key in FLOWER_DEFAULTS}
 
 
 @dataclass
@@ -53,55 +52,38 @@ def run_config_values(cfg: RunConfig | None = None, options: FlowerOptions | Non
     cfg = cfg or RunConfig()
     options = options or FlowerOptions()
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        value = getattr(cfg, f.name)
-        if f.name in _LIST_FIELDS:
+    for name, setting in run_settings().items():
+        value = getattr(cfg, name)
+        if setting.kind is list:
             value = ",".join(str(v) for v in value)
         elif value is None:
-            value = 0 if f.name in _OPTIONAL_INT else ""
-        values[_key(f.name)] = value
+            value = 0 if setting.kind is int else ""  # None as Flower writes it: a count 0, a path ""
+        values[_key(name)] = value
     values["round-timeout"] = float(options.round_timeout)
     values["node-wait-timeout"] = float(options.node_wait_timeout)
     return values
 
 
 def run_config_from_flower(values: typing.Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
-    """Parse Flower run-config values (as the ServerApp/ClientApp receive them) into a RunConfig."""
-    hints = typing.get_type_hints(RunConfig)
+    """Parse Flower run-config values (as the ServerApp/ClientApp receive them) into a RunConfig;
+    each value is checked by its Setting and a bad one named by its key."""
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        key = _key(f.name)
+    for name, setting in run_settings().items():
+        key = _key(name)
         if key not in values:
             continue  # keep the RunConfig default
         value = values[key]
-        try:
-            if f.name in _LIST_FIELDS:
-                item = _LIST_FIELDS[f.name]
-                value = [item(v.strip()) for v in str(value).split(",") if v.strip()]
-            elif f.name in _OPTIONAL_INT:
-                value = int(value) or None
-            elif hints[f.name] == str | None:
-                value = str(value) or None
-            elif hints[f.name] is bool:
-                if not isinstance(value, bool):
-                    raise TypeError(f"expected true or false, got {value!r}")
-            elif hints[f.name] is int:
-                if isinstance(value, bool) or int(value) != value:
-                    raise TypeError(f"expected an integer, got {value!r}")
-                value = int(value)
-            elif hints[f.name] is float:
-                value = float(value)
-            elif hints[f.name] is str:
-                value = str(value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"run config {key!r}: {e}") from None
-        kwargs[f.name] = value
+        if setting.optional and value == (0 if setting.kind is int else "") and not isinstance(value, bool):
+            value = None
+        kwargs[name] = setting.parse(value, name=key, source=RUN_CONFIG)
     options = FlowerOptions(
-        round_timeout=float(values.get("round-timeout", FLOWER_DEFAULTS["round-timeout"])),
-        node_wait_timeout=float(values.get("node-wait-timeout", FLOWER_DEFAULTS["node-wait-timeout"])),
+        **{
+            key.replace("-", "_"): setting.parse(
+                values.get(key, FLOWER_DEFAULTS[key]), name=key, source=RUN_CONFIG
+            )
+            for key, setting in FLOWER_SETTINGS.items()
+        }
     )
-    if options.round_timeout <= 0 or options.node_wait_timeout <= 0:
-        raise ConfigError("round-timeout and node-wait-timeout must be positive")
     return RunConfig(**kwargs), options
 
 
