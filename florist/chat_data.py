@@ -219,3 +219,21 @@ def prompt_messages(example: dict) -> tuple[list[dict[str, str]], str | None]:
     if messages[-1]["role"] != "assistant":
         return list(messages), None
     return list(messages[:-1]), messages[-1]["content"]
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (None if there is none),
+    found by rendering a turn and reading what follows its text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "florist-end-of-turn-probe"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}])
+    except ChatTemplateError:
+        return None
+    after = text[text.rfind(marker) + len(marker) :] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(getattr(tokenizer, "all_special_ids", [])) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    return ids[0] if ids and ids[0] in special else None

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from chat_helpers import CONVERSATION, NO_SYSTEM, byte_reference, chat_byte_tokenizer, smollm2_tokenizer
+from chat_helpers import (
+    CONVERSATION,
+    NO_SYSTEM,
+    byte_reference,
+    chat_byte_tokenizer,
+    chatml_reference,
+    smollm2_tokenizer,
+)
 
 from florist import data
 from florist.chat_data import ChatTemplateError
@@ -185,32 +192,13 @@ def test_prompt_completion_learns_the_completion_only() -> None:
     assert bytes(t for t in got["labels"] if 0 <= t < 256) == b"Green."
 
 
-def _chatml_reference(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """SmolLM2's ChatML, built by hand: <|im_start|>role\\n content <|im_end|> \\n per turn, after
-    the template's default system prompt; labels on the assistant's content and <|im_end|>."""
-    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    if messages[0]["role"] != "system":
-        default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-        messages = [{"role": "system", "content": default}, *messages]
-    ids: list[int] = []
-    labels: list[int] = []
-    for m in messages:
-        piece = tok.encode(m["content"], add_special_tokens=False) + [end]
-        header = [start, *tok.encode(m["role"] + "\n", add_special_tokens=False)]
-        newline = tok.encode("\n", add_special_tokens=False)
-        ids += header + piece + newline
-        labels += [-100] * len(header) + (piece if m["role"] == "assistant" else [-100] * len(piece))
-        labels += [-100] * len(newline)
-    return ids, labels
-
-
 @pytest.mark.parametrize("messages", [CONVERSATION, NO_SYSTEM], ids=["system", "default-system"])
 def test_smollm2_mask_equals_the_hand_built_chatml(messages: list[dict]) -> None:
     tok = smollm2_tokenizer()
     got = tokenize_example(
         {"messages": messages}, tok, cutoff_len=4096, train_on_inputs=True, prompter=Prompter()
     )
-    ids, labels = _chatml_reference(tok, messages)
+    ids, labels = chatml_reference(tok, messages)
     assert got["input_ids"] == ids
     assert got["labels"] == labels
 

@@ -8,7 +8,19 @@ import sys
 
 # Each module defines add_parser(subparsers), which registers its subcommand and sets
 # ``func`` (args -> exit code) as the parser default.
-SUBCOMMANDS = ["aggregate", "run", "demo", "data", "eval", "sweep", "report", "flower"]
+SUBCOMMANDS = [
+    "aggregate",
+    "run",
+    "demo",
+    "data",
+    "eval",
+    "sweep",
+    "report",
+    "flower",
+    "generate",
+    "chat",
+    "export",
+]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,139 @@
+"""``florist generate``: what a model, an adapter or a run answers.
+
+    florist generate TARGET (--prompt TEXT | --input FILE) [--output out.jsonl] [--compare_base]
+                            [--max_new_tokens 256] [--temperature 0] [--top_p 1] [--seed 42]
+
+TARGET is what ``florist eval`` takes: a model (alias, directory, ``.gguf``), a PEFT adapter
+directory, or a ``florist run`` (or Flower server) output directory. ``--input`` records are in
+any data format florist trains on; the prompt is everything up to the last assistant turn (an
+instruction record: its instruction and input), rendered as in training, and a record's own
+answer is kept as the reference. Decoding is greedy unless ``--temperature`` is above 0, and
+stops at the end of the assistant's turn. ``--compare_base`` also asks the base model (the
+adapter switched off). Answers are printed, and written with ``--output`` as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from florist.errors import FloristError
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Target, device and sampling flags, shared with ``florist chat``."""
+    p.add_argument(
+        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
+    )
+    p.add_argument(
+        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
+    )
+    p.add_argument(
+        "--max_new_tokens", "--max-new-tokens", type=int, default=256, help="answer length cap (default: 256)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="auto | chat | alpaca | a JSON template (default: the run's prompt_template_name, else auto)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="answers of a model, adapter or run to prompts (optionally beside the base model's)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_sampling_flags(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (a user turn, or an instruction for Alpaca runs)")
+    source.add_argument("--input", help="a data file (any florist format); answers may be missing")
+    p.add_argument("--output", default=None, help="write the answers here as JSON lines")
+    p.add_argument(
+        "--compare_base", "--compare-base", action="store_true", help="also the base model's answer"
+    )
+    p.add_argument("--max_records", "--max-records", type=int, default=None, help="the first N input records")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    p.set_defaults(func=run)
+
+
+def sampling_from(args: argparse.Namespace) -> Any:
+    from florist.generation import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_records is not None and args.max_records <= 0:
+        raise FloristError(f"--max_records must be positive, got {args.max_records}")
+    if args.batch_size <= 0:
+        raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
+    from florist.data import load_dataset_file
+
+    # Read and check the input before the (slow) model load, so bad input fails at once.
+    records = None
+    if args.input is not None:
+        records, _fmt = load_dataset_file(args.input, prompts=True)
+        records = records[: args.max_records]
+    rows = answer(args, records)
+    for row in rows:
+        print(format_row(row))
+    if args.output:
+        from florist.io import atomic_write_text
+
+        atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"answers: {args.output}")
+    return 0
+
+
+def answer(args: argparse.Namespace, records: list[dict] | None) -> list[dict[str, Any]]:
+    """One row per prompt: index, the prompt's messages and rendered text, the reference answer
+    (None if the record has none), response (and base_response)."""
+    from florist.chat_data import prompt_messages
+    from florist.data import encode_prompt
+    from florist.generation import generate, load_for_generation, prompter_for, text_record
+
+    sampling = sampling_from(args)
+    loaded = load_for_generation(args.target, base=args.base, device=args.device)
+    if args.compare_base and not loaded.has_adapter:
+        raise FloristError(f"--compare_base: {args.target} is a model, not an adapter or a run")
+    prompter = prompter_for(loaded, args.template)
+    tok = loaded.tokenizer
+    if records is None:
+        records = [text_record(args.prompt, loaded, prompter)]
+    prompts = [encode_prompt(r, tok, prompter) for r in records]
+    rows = []
+    for i, (r, p) in enumerate(zip(records, prompts)):
+        messages, reference = prompt_messages(r)
+        rows.append({"index": i, "messages": messages, "prompt": tok.decode(p), "reference": reference})
+    for row, text in zip(rows, generate(loaded.model, tok, prompts, sampling, batch_size=args.batch_size)):
+        row["response"] = text
+    if args.compare_base:
+        with loaded.base() as base:
+            for row, text in zip(rows, generate(base, tok, prompts, sampling, batch_size=args.batch_size)):
+                row["base_response"] = text
+    return rows
+
+
+def format_row(row: dict[str, Any], width: int = 100) -> str:
+    """A prompt's answers for the terminal: the last prompt message, then each model's answer."""
+    lines = [f"[{row['index']}] {_clip(row['messages'][-1]['content'], width)}"]
+    if "base_response" in row:
+        lines.append(f"  base:       {_clip(row['base_response'], width)}")
+        lines.append(f"  fine-tuned: {_clip(row['response'], width)}")
+    else:
+        lines.append(f"  answer: {_clip(row['response'], width)}")
+    if row.get("reference"):
+        lines.append(f"  reference:  {_clip(row['reference'], width)}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
