@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -81,7 +82,9 @@ def load_for_generation(target: str, *, base: str | None = None, device: str = "
         if isinstance(m, torch.nn.Linear)
     }
     read_peft_adapter(resolved.adapter, expected_shapes=shapes)
-    peft_model = PeftModel.from_pretrained(model, str(resolved.adapter), is_trainable=False)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(resolved.adapter), is_trainable=False)
     peft_model.eval()
     return Loaded(peft_model, tokenizer, resolved, has_adapter=True)
 
@@ -240,3 +243,50 @@ def text_record(text: str, loaded: Loaded, prompter: Any) -> dict[str, Any]:
     if _run_trained_on_instructions(loaded.target.run_config) or not loaded.tokenizer.chat_template:
         return instruction
     return {"messages": [{"role": "user", "content": text}]}
+
+
+def answer_records(
+    loaded: Loaded,
+    records: Sequence[dict],
+    prompter: Any,
+    sampling: Sampling,
+    *,
+    compare_base: bool = False,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """One row per record: index, the prompt's messages and rendered text, the reference answer
+    (None if the record has none), response (and base_response, the adapter switched off)."""
+    from florist.chat_data import prompt_messages
+    from florist.data import encode_prompt
+
+    tok = loaded.tokenizer
+    prompts = [encode_prompt(r, tok, prompter) for r in records]
+    rows = []
+    for i, (r, p) in enumerate(zip(records, prompts)):
+        messages, reference = prompt_messages(r)
+        rows.append({"index": i, "messages": messages, "prompt": tok.decode(p), "reference": reference})
+    for row, text in zip(rows, generate(loaded.model, tok, prompts, sampling, batch_size=batch_size)):
+        row["response"] = text
+    if compare_base:
+        with loaded.base() as base:
+            for row, text in zip(rows, generate(base, tok, prompts, sampling, batch_size=batch_size)):
+                row["base_response"] = text
+    return rows
+
+
+def format_answers(row: dict[str, Any], width: int = 100) -> str:
+    """A prompt's answers for the terminal: the last prompt message, then each model's answer."""
+    lines = [f"[{row['index']}] {_clip(row['messages'][-1]['content'], width)}"]
+    if "base_response" in row:
+        lines.append(f"  base:       {_clip(row['base_response'], width)}")
+        lines.append(f"  fine-tuned: {_clip(row['response'], width)}")
+    else:
+        lines.append(f"  answer: {_clip(row['response'], width)}")
+    if row.get("reference"):
+        lines.append(f"  reference:  {_clip(row['reference'], width)}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."

@@ -8,7 +8,9 @@ FLoRIST at a few τ (``florist sweep``'s one-training shortcut). Each global mod
 the held-out ``global_test.json`` (loss on response tokens, with a 95% bootstrap interval and the
 paired difference to the base model), next to the bytes each client downloads. The table and
 the trade-off plot show FLoRIST's point: a loss next to FLoRA's at a fraction of its download.
-A larger learning rate than the paper's 3e-4 makes a few steps count.
+A larger learning rate than the paper's 3e-4 makes a few steps count. It ends with what the
+models say: three held-out prompts, each answered by the base model and by the FLoRIST global
+model (τ=0.9), whose adapter is kept in ``adapters/``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from florist.config import DEFAULT_MODEL, RunConfig
 
 DEMO_METHODS = ("fedit", "flora", "florist")
 DEMO_THRESHOLDS = (0.8, 0.9, 0.95)
+SHOWN_PROMPTS = 3  # held-out prompts answered by the base and the global model at the end
 
 
 def demo_config(
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds=DEMO_THRESHOLDS,
         heter=(False,),
         select_by="loss",
+        save_adapters=True,
         report=True,
     )
     print()
@@ -158,4 +162,25 @@ def run(args: argparse.Namespace) -> int:
         f"outputs: {cfg.output_dir}/sweep.json, sweep.md; the trade-off plot: "
         f"{cfg.output_dir}/report/accuracy_vs_communication.png"
     )
+    print(what_the_models_say(cfg))
     return 0
+
+
+def what_the_models_say(cfg: RunConfig, n: int = SHOWN_PROMPTS, max_new_tokens: int = 48) -> str:
+    """The first ``n`` held-out prompts, answered greedily by the base model and by the FLoRIST
+    global model at the demo's τ (its adapter from the sweep's ``adapters/``)."""
+    from pathlib import Path
+
+    from florist.data import Prompter, find_test_file, load_dataset_file
+    from florist.generation import Sampling, answer_records, format_answers, load_for_generation
+
+    found = sorted(Path(cfg.output_dir, "adapters").glob(f"*/florist_tau{cfg.threshold:.2f}"))
+    test_file = find_test_file(cfg.data_path, cfg.num_clients)
+    if not found or test_file is None:
+        return "(no FLoRIST adapter or held-out file to answer prompts with)"
+    records = load_dataset_file(test_file)[0][:n]
+    loaded = load_for_generation(str(found[0]), base=cfg.global_model, device=cfg.device)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    rows = answer_records(loaded, records, Prompter(cfg.prompt_template_name), sampling, compare_base=True)
+    header = f"\nWhat the models say (greedy; fine-tuned = FLoRIST τ={cfg.threshold:g}, {found[0]}):"
+    return "\n".join([header, *(format_answers(r) for r in rows)])

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
     from florist.data import load_dataset_file
+    from florist.generation import format_answers
 
     # Read and check the input before the (slow) model load, so bad input fails at once.
     records = None
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         records = records[: args.max_records]
     rows = answer(args, records)
     for row in rows:
-        print(format_row(row))
+        print(format_answers(row))
     if args.output:
         from florist.io import atomic_write_text
 
@@ -93,47 +94,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def answer(args: argparse.Namespace, records: list[dict] | None) -> list[dict[str, Any]]:
-    """One row per prompt: index, the prompt's messages and rendered text, the reference answer
-    (None if the record has none), response (and base_response)."""
-    from florist.chat_data import prompt_messages
-    from florist.data import encode_prompt
-    from florist.generation import generate, load_for_generation, prompter_for, text_record
+    """The rows florist.generation.answer_records makes, for the prompt or records given."""
+    from florist.generation import answer_records, load_for_generation, prompter_for, text_record
 
     sampling = sampling_from(args)
     loaded = load_for_generation(args.target, base=args.base, device=args.device)
     if args.compare_base and not loaded.has_adapter:
         raise FloristError(f"--compare_base: {args.target} is a model, not an adapter or a run")
     prompter = prompter_for(loaded, args.template)
-    tok = loaded.tokenizer
     if records is None:
         records = [text_record(args.prompt, loaded, prompter)]
-    prompts = [encode_prompt(r, tok, prompter) for r in records]
-    rows = []
-    for i, (r, p) in enumerate(zip(records, prompts)):
-        messages, reference = prompt_messages(r)
-        rows.append({"index": i, "messages": messages, "prompt": tok.decode(p), "reference": reference})
-    for row, text in zip(rows, generate(loaded.model, tok, prompts, sampling, batch_size=args.batch_size)):
-        row["response"] = text
-    if args.compare_base:
-        with loaded.base() as base:
-            for row, text in zip(rows, generate(base, tok, prompts, sampling, batch_size=args.batch_size)):
-                row["base_response"] = text
-    return rows
-
-
-def format_row(row: dict[str, Any], width: int = 100) -> str:
-    """A prompt's answers for the terminal: the last prompt message, then each model's answer."""
-    lines = [f"[{row['index']}] {_clip(row['messages'][-1]['content'], width)}"]
-    if "base_response" in row:
-        lines.append(f"  base:       {_clip(row['base_response'], width)}")
-        lines.append(f"  fine-tuned: {_clip(row['response'], width)}")
-    else:
-        lines.append(f"  answer: {_clip(row['response'], width)}")
-    if row.get("reference"):
-        lines.append(f"  reference:  {_clip(row['reference'], width)}")
-    return "\n".join(lines)
-
-
-def _clip(text: str, width: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
+    return answer_records(
+        loaded, records, prompter, sampling, compare_base=args.compare_base, batch_size=args.batch_size
+    )
