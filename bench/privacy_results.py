@@ -42,11 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import machine  # noqa: E402
-from results import BUDGETS, base_config, compare, fmt_ci, prepare_data  # noqa: E402
+from common import BUDGETS, base_config, compare, fmt_ci, machine, prepare_data  # noqa: E402
 
+from florist.aggregation import AGGREGATORS  # noqa: E402
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
-from florist.report import METHOD_LABELS  # noqa: E402
+from florist.report import method_label  # noqa: E402
 from florist.stats import heldout_comparison  # noqa: E402
 
 METHODS = ("fedit", "ffa", "flora", "florist")
@@ -57,29 +57,28 @@ REPEAT = {"full": [0.01, 0.1], "smoke": [0.01]}  # levels drawn twice: the noise
 
 def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[float], delta: float) -> dict:
     """Train each group once; every (method, z, draw) noises the same uploads afresh."""
+    import dataclasses
+
     from florist import privacy
-    from florist.aggregation import get_aggregator
-    from florist.federation import Evaluator
-    from florist.models import load_model
-    from florist.sweep import ClientSetup, eval_adapter, train_clients, training_groups
+    from florist.evaluation.evaluator import Evaluator
+    from florist.federation import ClientSetup
+    from florist.sweep import close_configuration, configured, train_group, training_groups
 
     data_dir, heldout, _ = prepare_data(out, budget)
     cfg = base_config(data_dir, heldout, out / "run", budget, seed=budget["seeds"][0])
-    setup = ClientSetup.load(cfg, lambda: load_model(cfg.global_model, device=cfg.device))
-    host, tokenizer, trainer, prompter = setup.host, setup.tokenizer, setup.trainer, setup.prompter
-    examples = setup.examples
-    evaluate = Evaluator(cfg, prompter)
+    setup = ClientSetup.load(cfg)
+    host, tokenizer = setup.host, setup.tokenizer
+    evaluate = Evaluator(cfg, setup.prompter)
     base = evaluate(host, tokenizer, None)
     rows: list[dict[str, Any]] = []
     for group in training_groups(METHODS, "auto"):
         print(f"privacy_results: training {'+'.join(group.methods)} ({group.client_init} init)", flush=True)
-        trained = train_clients(host, trainer, cfg, examples, frozen_A=group.frozen_A,
-                                client_init=group.client_init, method=group.methods[0], keep_start=True)  # fmt: skip
+        trained = train_group(setup, cfg, group, keep_start=True)
         for method in group.methods:
-            aggregator = get_aggregator(method, **({"threshold": TAU} if method == "florist" else {}))
-            factors = aggregator.sent_factors(1)
+            mcfg = configured(dataclasses.replace(cfg, client_init=group.client_init), method, TAU)
+            factors = AGGREGATORS[method].sent_factors(1)
             travelling = [
-                list(privacy.factor_deltas(r.update.modules, r.start, factors).values()) for r in trained
+                list(privacy.factor_deltas(r.update.modules, r.start, factors).values()) for _, r in trained
             ]
             norms = [privacy.l2_norm(parts) for parts in travelling]
             coordinates = sum(p.numel() for p in travelling[0])
@@ -87,18 +86,13 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
             clip = statistics.median(norms)
             plan = [(None, 0)] + [(z, d) for z in noise for d in range(2 if z in repeat else 1)]
             for z, draw in plan:
-                updates = [r.update for r in trained]
-                if z is not None:
-                    generator = privacy.noise_generator()
-                    updates = [
-                        privacy.privatize_upload(r.update, r.start, factors, clip_norm=clip,
-                                                 noise_multiplier=z, generator=generator)[0]
-                        for r in trained
-                    ]  # fmt: skip
-                result = aggregator.aggregate(updates)
-                if z is not None:
-                    result = privacy.released_view(result, factors)
-                evaluation = evaluate(host, tokenizer, eval_adapter(result))
+                # The round engine's close on the same uploads: each client's local DP step with
+                # fresh noise, the aggregate, and what is released of it.
+                dp = {} if z is None else {"dp_clip_norm": clip, "dp_noise_multiplier": z, "dp_delta": delta}
+                outcome, server = close_configuration(
+                    dataclasses.replace(mcfg, **dp), host.module_shapes, trained
+                )
+                evaluation = evaluate(host, tokenizer, server.final_adapter())
                 rows.append(
                     {
                         "method": method,
@@ -107,10 +101,12 @@ def run(out: Path, budget: dict[str, Any], noise: list[float], repeat: list[floa
                         "draw": draw,
                         "clip_norm": None if z is None else clip,
                         "upload_norms": norms,
-                        "clipped": None if z is None else sum(n > clip for n in norms),
+                        "clipped": None if z is None else outcome.entry["privacy"]["clipped"],
                         "coordinates": coordinates,
-                        "epsilon": None if z is None else privacy.epsilon(z, 1, delta),
-                        "rank_total": int(sum(result.ranks.values())),  # FLoRIST's τ reacts to noise
+                        "epsilon": None if z is None else outcome.entry["privacy"]["epsilon"],
+                        "rank_total": int(
+                            sum(outcome.entry["ranks"].values())
+                        ),  # FLoRIST's τ reacts to noise
                         "eval": evaluation,
                     }
                 )
@@ -176,13 +172,13 @@ def conclusions(rows: list[dict[str, Any]]) -> list[str]:
             row = by[(method, z, 0)]
             d = row["delta_vs_nodp"]
             lines.append(
-                compare(d, row["delta_vs_nodp_ci95"], f"At z={z:g} (ε={eps:.3g}), {METHOD_LABELS[method]}",
+                compare(d, row["delta_vs_nodp_ci95"], f"At z={z:g} (ε={eps:.3g}), {method_label(method)}",
                         "without DP") + beyond_draws(d, [spread.get((method, z))]) + "."
             )  # fmt: skip
         ffa = by[("ffa", z, 0)]
         for method in ("fedit", "flora", "florist"):
             d = ffa[f"delta_vs_{method}"]
-            lines.append(compare(d, ffa[f"delta_vs_{method}_ci95"], f"At z={z:g}, FFA-LoRA", METHOD_LABELS[method])
+            lines.append(compare(d, ffa[f"delta_vs_{method}_ci95"], f"At z={z:g}, FFA-LoRA", method_label(method))
                          + " (other uploads)" + beyond_draws(d, [spread.get(("ffa", z)), spread.get((method, z))])
                          + ".")  # fmt: skip
     ranks = {
@@ -211,7 +207,7 @@ def plot(rows: list[dict[str, Any]], base_loss: float, path: Path) -> None:
         ys = [r["heldout_loss"] for r in mine]
         err = [[y - r["heldout_loss_ci95"][0] for y, r in zip(ys, mine)],
                [r["heldout_loss_ci95"][1] - y for y, r in zip(ys, mine)]]  # fmt: skip
-        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=METHOD_LABELS[method])
+        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method_label(method))
         nodp = next(r for r in rows if r["method"] == method and r["noise_multiplier"] is None)
         ax.axhline(nodp["heldout_loss"], color=line[0].get_color(), linestyle=":", linewidth=1)
     ax.axhline(base_loss, color="black", linestyle="--", linewidth=1, label="base model")
@@ -269,7 +265,7 @@ def markdown(doc: dict[str, Any], command: str, image: str) -> str:
             else f"{r['delta_vs_nodp']:+.4f} {fmt_ci(r['delta_vs_nodp_ci95'])}"
         )
         lines.append(
-            f"| {METHOD_LABELS[r['method']]} | {z} | {eps} | {r['draw'] + 1} | {clip} | {clipped} | "
+            f"| {method_label(r['method'])} | {z} | {eps} | {r['draw'] + 1} | {clip} | {clipped} | "
             f"{r.get('rank_total', '')} | "
             f"{r['heldout_loss']:.4f} [{lo:.4f}, {hi:.4f}] | {nodp} | "
             f"{r['delta_vs_base']:+.4f} {fmt_ci(r['delta_vs_base_ci95'])} |"

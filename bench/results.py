@@ -27,117 +27,43 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("FLORIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.pop("FLORIST_MMLU_PATH", None)  # MMLU is evaluated below, for chosen models only
 
-from common import machine  # noqa: E402
+from common import (  # noqa: E402
+    BUDGETS,
+    DOCS,
+    REPO,
+    SHARED,
+    base_config,
+    beyond_seeds,
+    compare,
+    default_init,
+    fmt_ci,
+    keep_newer,
+    machine,
+    prepare_data,
+    records_of,
+    sweep,
+)
 
-from florist.config import RunConfig  # noqa: E402
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
-from florist.report import METHOD_LABELS, human_bytes  # noqa: E402
-from florist.stats import bootstrap_ci, heldout_comparison, heldout_records, paired_bootstrap_ci  # noqa: E402
+from florist.report import human_bytes, method_label  # noqa: E402
+from florist.stats import bootstrap_ci, heldout_comparison, paired_bootstrap_ci  # noqa: E402
 
-DOCS = REPO / "docs"
-BUDGETS: dict[str, dict[str, Any]] = {
-    "full": {
-        # Measured on 2 cores (pilot, FLoRA): 160 records x 1 epoch at 2e-3 moves held-out loss by
-        # 0.075 nats; one training group takes ~11 min, one evaluation of 400 records ~85 s.
-        "records_per_client": 160,  # = steps x batch: one epoch over a fixed subset
-        "steps": 10,
-        "batch": 16,
-        "micro_batch": 16,
-        "learning_rate": 2e-3,
-        "cutoff_len": 256,
-        "heldout_per_client": 40,
-        "thresholds": [0.80, 0.90, 0.95, 0.98],
-        "seeds": [42, 43],
-        "mmlu_questions": None,  # all 1,444
-    },
-    "smoke": {
-        "records_per_client": 4,
-        "steps": 1,
-        "batch": 4,
-        "micro_batch": 4,
-        "learning_rate": 1e-3,
-        "cutoff_len": 96,
-        "heldout_per_client": 2,
-        "thresholds": [0.9, 0.98],
-        "seeds": [42, 43],
-        "mmlu_questions": 16,
-    },
-}
 PAPER_ORDER = ["florist", "fedit", "flexlora", "flora", "ffa"]  # TinyLlama, Dolly, MMLU (notes/paper.md)
 
 
 # --- 1. data -------------------------------------------------------------------------------
 
 
-def prepare_data(out: Path, budget: dict[str, Any], num_clients: int = 8) -> tuple[Path, Path, int]:
-    """Write the clients' training subsets and the held-out set; return (data dir, held-out file, n)."""
-    from florist.data import load_records
-
-    source = SHARED / "dolly" / str(num_clients)
-    if not (source / "global_test.json").is_file():
-        sys.exit(f"bench/results.py: no Dolly split at {source} (set FLORIST_SHARED_DATA)")
-    data_dir = out / "data"
-    (data_dir / str(num_clients)).mkdir(parents=True, exist_ok=True)
-    heldout = list(load_records(source / "global_test.json"))
-    rng = random.Random(20261201)  # the data selection is fixed; training seeds vary separately
-    for k in range(num_clients):
-        records = load_records(source / f"local_training_{k}.json")
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        n_train, n_held = budget["records_per_client"], budget["heldout_per_client"]
-        if n_train + n_held > len(records):
-            sys.exit(f"client {k} has {len(records)} records, fewer than {n_train} + {n_held}")
-        train = [records[i] for i in order[:n_train]]
-        held = [records[i] for i in order[n_train : n_train + n_held]]
-        heldout += held
-        (data_dir / str(num_clients) / f"local_training_{k}.json").write_text(json.dumps(train))
-        # The client's own held-out records: FedSA-LoRA's personalised scores (florist.personalised)
-        (data_dir / str(num_clients) / f"local_test_{k}.json").write_text(json.dumps(held))
-    heldout_file = out / "heldout.json"
-    heldout_file.write_text(json.dumps(heldout))
-    return data_dir, heldout_file, len(heldout)
-
-
 # --- 2. training and aggregation -------------------------------------------------------------
-
-
-def base_config(data_dir: Path, heldout: Path, out: Path, budget: dict[str, Any], seed: int) -> RunConfig:
-    return RunConfig(
-        global_model="smollm2-135m",
-        data_path=str(data_dir),
-        output_dir=str(out),
-        num_clients=8,
-        num_communication_rounds=1,
-        local_batch_size=budget["batch"],
-        local_micro_batch_size=budget["micro_batch"],
-        local_max_steps=budget["steps"],
-        local_learning_rate=budget["learning_rate"],
-        cutoff_len=budget["cutoff_len"],
-        lora_r=16,
-        lora_alpha=32,
-        local_ranks=[64, 32, 16, 16, 8, 8, 4, 4],
-        test_data_path=str(heldout),
-        seed=seed,
-        device="cpu",
-    )
-
-
-def sweep(cfg: RunConfig, **options: Any) -> dict[str, Any]:
-    from florist.sweep import run_sweep
-
-    return run_sweep(cfg, select_by="loss", progress=True, **options)
 
 
 def load_main(out: Path, budget: dict[str, Any]) -> dict[str, Any]:
@@ -150,10 +76,6 @@ def load_main(out: Path, budget: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- 3. statistics -------------------------------------------------------------------------
-
-
-def records_of(evaluation: dict[str, Any] | None) -> tuple[list[float], list[int]]:
-    return heldout_records(evaluation)
 
 
 def row_stats(row: dict[str, Any], floras: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
@@ -299,19 +221,6 @@ def mmlu_scores(run_dir: Path, main: dict[str, Any], questions: int | None) -> d
 # --- statements the intervals support --------------------------------------------------------
 
 
-def fmt_ci(ci: list[float] | tuple[float, float]) -> str:
-    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
-
-
-def compare(d: float, ci: list[float], what: str, other: str) -> str:
-    """One sentence on ``what`` minus ``other`` (a loss difference), as far as the interval allows."""
-    if ci[1] < 0:
-        return f"{what} has a lower held-out loss than {other}, by {-d:.4f} nats (95% CI {fmt_ci(ci)})"
-    if ci[0] > 0:
-        return f"{what} has a higher held-out loss than {other}, by {d:.4f} nats (95% CI {fmt_ci(ci)})"
-    return f"{what} and {other} cannot be told apart (difference {d:+.4f} nats, 95% CI {fmt_ci(ci)})"
-
-
 def find(
     setting: dict[str, Any], method: str, init: str | None = None, tau: float | None = None
 ) -> dict | None:
@@ -340,21 +249,6 @@ def paired(main: dict[str, Any], name: str, a: dict, b: dict) -> tuple[float, li
     return a["heldout_loss"] - b["heldout_loss"], list(paired_bootstrap_ci(la, lb, tokens))
 
 
-def default_init(method: str) -> str:
-    from florist.aggregation import AGGREGATORS
-
-    return AGGREGATORS[method].client_init  # the authors' code (docs/methods.md)
-
-
-def beyond_seeds(d: float, noise: float | None) -> str:
-    """How a difference between two trainings compares with the training-seed spread."""
-    if noise is None:
-        return ""
-    if abs(d) > noise:
-        return f"; larger than the {noise:.4f}-nat spread a second training seed shows"
-    return f"; within the {noise:.4f}-nat spread a second training seed shows, so not a conclusion"
-
-
 def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[str]]:
     spreads = [
         r["spread"] for r in result["seed_spread"] if r["spread"] is not None and len(r["heldout_loss"]) > 1
@@ -381,7 +275,7 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
         others = ("fedit", "zeropad", "flexlora", "ffa", "fedex", "fedsa", "rolora", "hetlora", "lorafair")
         for method in [m for m in others if find(s, m)]:
             row = find(s, method, default_init(method))
-            label = f"{METHOD_LABELS[method]} ({default_init(method).replace('_', '-')} init, its default)"
+            label = f"{method_label(method)} ({default_init(method).replace('_', '-')} init, its default)"
             if row.get("delta_vs_flora_ci95") is not None and row["client_init"] == "per_client":
                 lines.append(compare(row["delta_vs_flora"], row["delta_vs_flora_ci95"], label,
                                      "FLoRA on the same client uploads") + ".")  # fmt: skip
@@ -418,7 +312,7 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             shared, own = find(s, method, "shared", tau), find(s, method, "per_client", tau)
             if shared and own:
                 d, ci = paired(main, name, shared, own)
-                what = METHOD_LABELS[method] + (f" τ={tau:.2f}" if tau else "")
+                what = method_label(method) + (f" τ={tau:.2f}" if tau else "")
                 lines.append(
                     compare(d, ci, f"{what} with a shared init", "with per-client inits")
                     + beyond_seeds(d, noise)
@@ -443,7 +337,7 @@ def paper_ordering(result: dict[str, Any], main: dict[str, Any]) -> list[str]:
     lines = []
     for better, worse in zip(PAPER_ORDER, PAPER_ORDER[1:]):
         d, ci = paired(main, s["name"], rows[better], rows[worse])
-        a, b = METHOD_LABELS[better] + ("-O" if better == "florist" else ""), METHOD_LABELS[worse]
+        a, b = method_label(better) + ("-O" if better == "florist" else ""), method_label(worse)
         if ci[1] < 0:
             verdict = "holds"
         elif ci[0] > 0:
@@ -495,7 +389,7 @@ def plot_tradeoff(result: dict[str, Any], path: Path) -> None:
                         yerr=[[r["heldout_loss"] - r["heldout_loss_ci95"][0]], [r["heldout_loss_ci95"][1] - r["heldout_loss"]]],
                         fmt="s", ms=6, capsize=2, color=METHOD_COLORS.get(r["method"], "tab:gray"),
                         mfc=None if own else "white",
-                        label=f"{METHOD_LABELS[r['method']]} ({r['client_init'].replace('_', '-')} init)")  # fmt: skip
+                        label=f"{method_label(r['method'])} ({r['client_init'].replace('_', '-')} init)")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("download per client (MB, log scale)")
         ax.set_ylabel("held-out loss (nats), 95% CI over records")
@@ -559,7 +453,7 @@ def table(s: dict[str, Any]) -> list[str]:
             dflora += f" (vs {r['flora_reference']}; other uploads)"
         tau = "" if r["tau"] is None else f"{r['tau']:.2f}"
         lines.append(
-            f"| {METHOD_LABELS[r['method']]}{tag} | {r['client_init'].replace('_', '-')}{mark} | "
+            f"| {method_label(r['method'])}{tag} | {r['client_init'].replace('_', '-')}{mark} | "
             f"{tau} | {r['heldout_loss']:.4f} "
             f"[{r['heldout_loss_ci95'][0]:.4f}, {r['heldout_loss_ci95'][1]:.4f}] | "
             f"{r['delta_vs_base']:+.4f} {fmt_ci(r['delta_vs_base_ci95'])} | {dflora} | {1e4 * r['eff']:.2f} | "
@@ -614,8 +508,6 @@ def render(out: Path, docs: Path, command: str) -> dict[str, Any]:
         "selection_rule": main_sweep["selection_rule"],
     }
     # bench/results_newer.py's section (a second run of this setup) is kept as it wrote it.
-    from results_newer import keep_newer
-
     doc, text = keep_newer(docs, doc, markdown(doc, command))
     atomic_write_json(docs / "results.json", doc)
     atomic_write_text(docs / "results.md", text)
@@ -698,7 +590,7 @@ def markdown(doc: dict[str, Any], command: str) -> str:
     for r in doc["seed_spread"]:
         tau = "" if r["tau"] is None else f"{r['tau']:.2f}"
         lines.append(
-            f"| {METHOD_LABELS[r['method']]} | {tau} | {r['client_init'].replace('_', '-')} | "
+            f"| {method_label(r['method'])} | {tau} | {r['client_init'].replace('_', '-')} | "
             + ", ".join(f"{v:.4f} (seed {sd})" for v, sd in zip(r["heldout_loss"], r["seeds"]))
             + f" | {r['spread']:.4f} | "
             + ", ".join(f"{d:+.4f}" for d in r["delta_vs_base"])

@@ -37,24 +37,26 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import machine  # noqa: E402
-from results import (  # noqa: E402
+from common import (  # noqa: E402
     BUDGETS,
+    END,
     SHARED,
+    START,
     base_config,
     beyond_seeds,
     compare,
     fmt_ci,
+    machine,
     prepare_data,
     records_of,
+    splice,
     sweep,
 )
 
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
-from florist.report import METHOD_LABELS, human_bytes  # noqa: E402
+from florist.report import human_bytes, method_label  # noqa: E402
 from florist.stats import bootstrap_ci, heldout_comparison, paired_bootstrap_ci  # noqa: E402
 
-START, END = "<!-- newer-methods:start -->", "<!-- newer-methods:end -->"
 SETTINGS = {  # sub-directory: (heterogeneous ranks, methods)
     "homogeneous": (False, ["fedit", "flora", "fedex", "fedsa", "hetlora", "lorafair", "rolora"]),
     "heterogeneous": (True, ["zeropad", "flora", "fedsa", "hetlora"]),
@@ -113,7 +115,7 @@ def analyse(out: Path, budget: dict[str, Any], n_global: int) -> dict[str, Any]:
             refs = {"base": base, "flora": flora["eval"], reference: rows_raw[reference]["eval"]}
             row = {
                 "method": method,
-                "label": METHOD_LABELS[method],
+                "label": method_label(method),
                 "client_init": r["client_init"],
                 **heldout_comparison(r["eval"], {k: v for k, v in refs.items() if k != method}),
                 "flora_reference": "same uploads" if same else "other uploads (RoLoRA trains A alone)",
@@ -188,7 +190,7 @@ def conclusions(result: dict[str, Any], noise: float | None) -> list[str]:
             r = rows.get(method)
             if r is None:
                 continue
-            what = f"{METHOD_LABELS[method]} ({s['name']})"
+            what = f"{method_label(method)} ({s['name']})"
             if r["flora_reference"] == "same uploads":
                 lines.append(
                     compare(r["delta_vs_flora"], r["delta_vs_flora_ci95"], what, "FLoRA on the same uploads")
@@ -200,7 +202,7 @@ def conclusions(result: dict[str, Any], noise: float | None) -> list[str]:
             for ref in ("fedit", "zeropad"):
                 if ref in rows and r["flora_reference"] == "same uploads":
                     lines.append(compare(r[f"delta_vs_{ref}"], r[f"delta_vs_{ref}_ci95"], what,
-                                         f"{METHOD_LABELS[ref]} on the same uploads") + ".")  # fmt: skip
+                                         f"{method_label(ref)} on the same uploads") + ".")  # fmt: skip
             personal = r.get("personalised")
             if personal:
                 for key, ref_label in (
@@ -298,24 +300,6 @@ def section(doc: dict[str, Any], command: str) -> str:
         lines.append(f"Trained once per group: {groups}.")
     lines.append(END)
     return "\n".join(lines) + "\n"
-
-
-def splice(text: str, block: str) -> str:
-    """``text`` with the marked block replaced by ``block`` (appended when absent)."""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        return head + block.rstrip("\n") + rest.split(END, 1)[1]
-    return text.rstrip("\n") + "\n\n" + block
-
-
-def keep_newer(docs: Path, doc: dict[str, Any], text: str) -> tuple[dict[str, Any], str]:
-    """bench/results.py's new (results.json, results.md) with this script's part of the old ones."""
-    old_json, old_md = docs / "results.json", docs / "results.md"
-    if old_json.is_file() and "newer_methods" in (old := json.loads(old_json.read_text())):
-        doc = doc | {"newer_methods": old["newer_methods"]}
-    if old_md.is_file() and START in (old_text := old_md.read_text()) and END in old_text:
-        text = splice(text, START + old_text.split(START, 1)[1].split(END, 1)[0] + END + "\n")
-    return doc, text
 
 
 def main() -> None:

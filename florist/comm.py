@@ -10,8 +10,8 @@ dtype).
 The paper's ``Eff = 1 / sum_modules (broadcast rank)``, one factor counting half (FFA sends only
 B; FedSA-LoRA and RoLoRA one factor too), plus the rank of any update folded into the base beside
 it (FedEx-LoRA's residual, ``result.base_update``, sent with both factors). ``shape_communication``
-and ``eff_for_shapes`` give the same quantities from module shapes and
-ranks alone, to reproduce the paper's tables for models we do not load.
+and ``eff_for_shapes`` give the same quantities from module shapes and ranks alone, from each
+method's declarations, to reproduce the paper's tables for models we do not load.
 """
 
 from __future__ import annotations
@@ -22,21 +22,6 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientUpdate, GlobalResult
-
-METHODS = (
-    "fedit",
-    "zeropad",
-    "flora",
-    "flexlora",
-    "ffa",
-    "florist",
-    "fedex",
-    "fedsa",
-    "rolora",
-    "hetlora",
-    "lorafair",
-)
-HOMOGENEOUS_ONLY = ("fedit", "fedex", "rolora", "lorafair")
 
 
 def _itemsize(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> int:
@@ -110,46 +95,41 @@ def shape_communication(
 ) -> dict:
     """One round's communication from shapes alone: ``module_shapes`` is (out, in) per module.
 
-    ``client_ranks`` are the clients' LoRA ranks (one per client). FLoRIST's broadcast rank p
-    depends on the weights, so it is given as ``florist_rank`` (one int, or one per module).
-    ``round_index`` picks RoLoRA's factor (A in odd rounds, B in even). The per-method rules
-    mirror the aggregators: the tests check both agree.
+    ``client_ranks`` are the clients' LoRA ranks (one per client). Where the broadcast rank
+    depends on the weights (FLoRIST's p) it is given as ``florist_rank`` (one int, or one per
+    module). ``round_index`` picks the factors that travel (RoLoRA: A in odd rounds, B in even).
+    Everything else is what each method declares (``Aggregator.broadcast_shape``,
+    ``sent_factors``), so this stays in step with the aggregators by construction.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    from florist.aggregation import AGGREGATORS
+
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(AGGREGATORS))}")
+    cls = AGGREGATORS[method]
     ranks = [int(r) for r in client_ranks]
     if not ranks or min(ranks) <= 0:
         raise ValueError(f"client_ranks must be non-empty and positive, got {list(client_ranks)}")
-    if method in HOMOGENEOUS_ONLY and len(set(ranks)) > 1:
+    if not cls.supports_heterogeneous and len(set(ranks)) > 1:
         raise ValueError(f"{method} needs homogeneous ranks, got {ranks}")
-    if method == "florist":
-        if florist_rank is None:
-            raise ValueError("florist's broadcast rank depends on the weights: pass florist_rank")
-        p = [int(florist_rank)] * len(module_shapes) if isinstance(florist_rank, int) else list(florist_rank)
-        if len(p) != len(module_shapes):
-            raise ValueError(f"florist_rank has {len(p)} entries for {len(module_shapes)} modules")
-    # The factors that travel: FFA B only, FedSA A only, RoLoRA the one it trains this round.
-    factors = {"ffa": "B", "fedsa": "A", "rolora": "A" if round_index % 2 else "B"}.get(method, "AB")
-    factor_share = len(factors) / 2
+    kept: list[int | None] = [None] * len(module_shapes)
+    if florist_rank is not None:
+        kept = (
+            [int(florist_rank)] * len(module_shapes) if isinstance(florist_rank, int) else list(florist_rank)
+        )
+        if len(kept) != len(module_shapes):
+            raise ValueError(f"florist_rank has {len(kept)} entries for {len(module_shapes)} modules")
+    factors = cls.sent_factors(round_index)  # what travels, each way
     itemsize = wire_dtype.itemsize
     clients = [_counter() for _ in ranks]
-    rank_sum = 0
-    for i, (m, n) in enumerate(module_shapes):
-        if method == "flora":
-            broadcast = sum(ranks)  # the whole stack
-        elif method == "florist":
-            broadcast = p[i]
-        elif method == "fedex":  # (B̄, Ā) and the residual, rank (K + 1) r with both factors
-            broadcast = (len(ranks) + 2) * ranks[0]
-        else:
-            broadcast = max(ranks)  # FedIT's r, or r_max for the per-client methods
-        rank_sum += broadcast
+    rank_sum = weighted = 0.0
+    for (m, n), p in zip(module_shapes, kept):
+        shape = cls.broadcast_shape(ranks, p)
+        rank_sum += shape.rank
+        weighted += shape.rank * len(factors) / 2 + shape.folded
+        per_rank = (m if "B" in factors else 0) + (n if "A" in factors else 0)
         for k, r_k in enumerate(ranks):
-            per_rank = (m if "B" in factors else 0) + (n if "A" in factors else 0)
-            # zero-padding, FlexLoRA, FFA, HetLoRA and FedSA send client k its first r_k directions
-            down = r_k if method in ("zeropad", "flexlora", "ffa", "hetlora", "fedsa") else broadcast
             clients[k]["params_up"] += r_k * per_rank
-            clients[k]["params_down"] += down * per_rank
+            clients[k]["params_down"] += shape.per_client[k] * per_rank + shape.folded * (m + n)
     for c in clients:
         c["bytes_up"], c["bytes_down"] = c["params_up"] * itemsize, c["params_down"] * itemsize
     total = {key: sum(c[key] for c in clients) for key in _counter()}
@@ -157,8 +137,8 @@ def shape_communication(
         "method": method,
         "clients": clients,
         "total": total,
-        "broadcast_rank_sum": rank_sum,
-        "eff": 1.0 / (rank_sum * factor_share),
+        "broadcast_rank_sum": int(rank_sum),
+        "eff": 1.0 / weighted,
     }
 
 

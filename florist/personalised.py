@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from florist.aggregation import Adapter
+from florist.algebra import client_id, truncate_adapter, with_local_factors
 from florist.errors import FloristError
 
 
@@ -61,7 +62,6 @@ def evaluate_personal(
     mean over clients.
     """
     from florist.data import load_dataset_file
-    from florist.federation import client_id
 
     clients: dict[str, Any] = {}
     for k, train in enumerate(client_records):
@@ -97,13 +97,14 @@ def evaluate_personal(
     return {"clients": clients, "mean_loss": mean}
 
 
-def evaluate_clients(
-    cfg: Any, host: Any, tokenizer: Any, prompter: Any, adapters: dict[str, Adapter],
+def evaluate_run(
+    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
     datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
 ) -> dict[str, Any]:  # fmt: skip
-    """``evaluate_personal`` with ``florist run``'s held-out scoring; p_k are the data shares."""
+    """``evaluate_personal`` after a round of ``florist run`` or the sweep, with their held-out
+    scoring: every client that has trained, with the adapter it would continue from (the last
+    broadcast, its own local factors); p_k are the data shares."""
     from florist.evaluation.heldout import heldout_loss
-    from florist.federation import client_id
 
     def score(adapter: Adapter, records: Sequence[dict]) -> dict[str, Any]:
         with host.use_adapter(adapter) as model:
@@ -112,19 +113,6 @@ def evaluate_clients(
                 max_records=cfg.eval_samples,
             )  # fmt: skip
 
-    total = sum(len(d) for d in datasets)
-    weights = {client_id(k): len(d) / total for k, d in enumerate(datasets)}
-    return evaluate_personal(adapters, datasets, global_test, score, data_path=cfg.data_path, weights=weights)
-
-
-def evaluate_run(
-    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
-    datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
-) -> dict[str, Any]:  # fmt: skip
-    """``evaluate_clients`` at the end of ``florist run``: every client that has trained, with the
-    adapter it would continue from (the last broadcast, its own local factors)."""
-    from florist.federation import client_id, truncate_adapter, with_local_factors
-
     adapters = {}
     for k in range(cfg.num_clients):
         cid = client_id(k)
@@ -132,4 +120,6 @@ def evaluate_run(
         if cid in server.client_state and received is not None:
             own = truncate_adapter(received, cfg.client_rank(k))
             adapters[cid] = with_local_factors(own, server.client_state[cid], local_factors)
-    return evaluate_clients(cfg, host, tokenizer, prompter, adapters, datasets, global_test)
+    total = sum(len(d) for d in datasets)
+    weights = {client_id(k): len(d) / total for k, d in enumerate(datasets)}
+    return evaluate_personal(adapters, datasets, global_test, score, data_path=cfg.data_path, weights=weights)

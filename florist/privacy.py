@@ -55,7 +55,7 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -237,21 +237,6 @@ def released_view(result: GlobalResult, factors: Sequence[Factor]) -> GlobalResu
     return dataclasses.replace(result, global_view=view)
 
 
-def noised_mean(
-    result: GlobalResult,
-    aggregator: Any,
-    cfg: Any,
-    round_index: int,
-    num_clients: int,
-    generator: torch.Generator | None = None,
-) -> GlobalResult:
-    """Central DP on Flower, where each node clipped its own upload (as under Flower's
-    ``DifferentialPrivacyClientSideFixedClipping``): N(0, (z·C/m)²) on the uniform mean."""
-    std = central_std(cfg.dp_noise_multiplier, cfg.dp_clip_norm, num_clients)
-    factors = aggregator.sent_factors(round_index)
-    return noise_result(result, factors, std, generator or noise_generator())
-
-
 def uniform_weights(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     """The uploads with equal weights: central DP's C/m needs a uniform average (as Flower's
     accounted fixed-clipping mode requires equal client weights)."""
@@ -392,6 +377,47 @@ def check_config(cfg: Any) -> str | None:
 # --- one round, as florist run and the Flower server do it ---------------------------------------
 
 
+@dataclasses.dataclass
+class CentralDP:
+    """Central DP around a method's aggregation, as Flower's ``DifferentialPrivacyServerSide-``
+    and ``ClientSideFixedClipping`` wrap a strategy: every upload's travelling vector clipped to C
+    (by the server when it sees the uploads, ``server_clips``; else the clients clipped their own),
+    the clipped uploads averaged with equal weights, and N(0, (z·C/m)²) added to the average."""
+
+    clip_norm: float
+    noise_multiplier: float
+    server_clips: bool
+    generator: torch.Generator
+
+    @classmethod
+    def of(cls, cfg: Any, *, server_clips: bool) -> CentralDP | None:
+        """The wrapper ``cfg`` asks for, or None without central DP."""
+        if not (dp_enabled(cfg) and cfg.dp_mode == "central"):
+            return None
+        return cls(cfg.dp_clip_norm, cfg.dp_noise_multiplier, server_clips, noise_generator())
+
+    def aggregate(
+        self,
+        aggregate: Callable[[list[ClientUpdate]], GlobalResult],
+        updates: Sequence[ClientUpdate],
+        starts: dict[str, Adapter] | None,
+        factors: Sequence[Factor],
+    ) -> tuple[GlobalResult, dict[str, float] | None]:
+        """The noised result, and the norms before clipping where the server clipped (the
+        trusted server's own diagnostics; a server that did not clip never sees one)."""
+        norms: dict[str, float] | None = None
+        clipped = list(updates)
+        if self.server_clips:
+            assert starts is not None, "the server clips against each client's start"
+            norms, clipped = {}, []
+            for u in updates:
+                upload, norms[u.client_id] = clip_upload(u, starts[u.client_id], factors, self.clip_norm)
+                clipped.append(upload)
+        result = aggregate(uniform_weights(clipped))
+        std = central_std(self.noise_multiplier, self.clip_norm, len(clipped))
+        return noise_result(result, factors, std, self.generator), norms
+
+
 def central_aggregate(
     aggregator: Any,
     updates: Sequence[ClientUpdate],
@@ -402,17 +428,14 @@ def central_aggregate(
     generator: torch.Generator,
     factors: Sequence[Factor] | None = None,
 ) -> tuple[GlobalResult, dict[str, float]]:
-    """Central DP: clip each upload's factor update (``factors``, default: all it uploads)
-    against its start, average them uniformly with ``aggregator``, noise the average with z·C/m.
-    Returns the result and the norms before clipping (the trusted server's own diagnostics)."""
+    """Central DP by a server that sees the uploads (``CentralDP`` with ``server_clips``):
+    ``factors`` default to all the method uploads. Returns the result and the norms before
+    clipping."""
     factors = factors if factors is not None else aggregator.uploaded_factors
-    clipped, norms = [], {}
-    for u in updates:
-        upload, norms[u.client_id] = clip_upload(u, starts[u.client_id], factors, clip_norm)
-        clipped.append(upload)
-    result = aggregator.aggregate(uniform_weights(clipped))
-    std = central_std(noise_multiplier, clip_norm, len(clipped))
-    return noise_result(result, factors, std, generator), norms
+    wrapper = CentralDP(clip_norm, noise_multiplier, True, generator)
+    result, norms = wrapper.aggregate(aggregator.aggregate, updates, starts, factors)
+    assert norms is not None
+    return result, norms
 
 
 def round_privacy(

@@ -29,19 +29,20 @@ from florist.io import atomic_directory
 
 REPORT_DIR = "report"
 MAX_CURVES = 9  # energy curves drawn individually; the rest are summarised by a band
-METHOD_LABELS = {
-    "fedit": "FedIT",
-    "zeropad": "Zero-padding",
-    "flora": "FLoRA",
-    "flexlora": "FlexLoRA",
-    "ffa": "FFA-LoRA",
-    "florist": "FLoRIST",
-    "fedex": "FedEx-LoRA",
-    "fedsa": "FedSA-LoRA",
-    "rolora": "RoLoRA",
-    "hetlora": "HetLoRA",
-    "lorafair": "LoRA-FAIR",
-}
+def method_label(method: str, options: dict[str, Any] | None = None) -> str:
+    """A method's label as it declares it (``Aggregator.describe``: "FLoRIST τ=0.90")."""
+    from florist.aggregation import AGGREGATORS  # torch: only when a report is drawn
+
+    cls = AGGREGATORS.get(method)
+    return cls.describe(options) if cls is not None else method
+
+
+def swept_option(method: str) -> str | None:
+    """The option ``florist sweep`` runs a grid over for ``method`` (FLoRIST: threshold)."""
+    from florist.aggregation import AGGREGATORS
+
+    cls = AGGREGATORS.get(method)
+    return cls.swept_option if cls is not None else None
 
 
 METHOD_COLORS = {
@@ -406,7 +407,9 @@ def loss_figure(groups: list[tuple[str, list[dict[str, Any]]]]) -> Figure:
 def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
     method = str(metrics.get("method", "?"))
     rounds = list(metrics.get("rounds") or [])
-    label = METHOD_LABELS.get(method, method) + (f" τ={metrics['threshold']}" if method == "florist" else "")
+    config = metrics.get("config") or {}
+    option = swept_option(method)
+    label = method_label(method, {option: config.get(option, metrics.get("threshold"))} if option else None)
     figures: dict[str, bytes] = {}
     md = [f"# Report: {label} on {metrics.get('model', '?')}", ""]
     md += [
@@ -463,7 +466,8 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
     svd_rounds = [r for r in rounds if r.get("singular_values")]
     if svd_rounds:
         r = svd_rounds[-1]
-        marks = [(label, float(metrics["threshold"]), r.get("ranks") or {})] if method == "florist" else []
+        value = config.get(option, metrics.get("threshold")) if option else None
+        marks = [(label, float(value), r.get("ranks") or {})] if value is not None else []
         panel = {"title": f"round {r['round']}", "singular_values": r["singular_values"], "marks": marks}
         figures["energy_curves.png"] = _png(energy_figure([panel]))
 
@@ -492,7 +496,7 @@ def _sweep_report(sweep: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
         rows = [r for r in s.get("rows", []) if r.get("accuracy") is not None]
         points = []
         for r in rows:
-            is_tau = r.get("method") == "florist"
+            is_tau = swept_option(str(r.get("method"))) is not None
             points.append(
                 {
                     "label": r.get("label", r.get("method")),

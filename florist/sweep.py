@@ -17,9 +17,12 @@ adapters are aggregated by every method and every τ of that group. With the met
 it (FFA-LoRA's A is shared by construction), or "both" to run every method under each init it
 allows, e.g. FLoRIST with shared and with per-client inits, which the paper never compares.
 
-Each global update is evaluated on base + update without merging (``LoraHost.use_adapter``),
-which is what the clients of the merge methods (FLoRA, FLoRIST) hold after the round. What is
-evaluated per method:
+Every configuration's round is closed by the round engine exactly as round 1 of ``florist run``
+(``florist.rounds.close_round``: screening, aggregation, ``for_round``, under DP the released view,
+communication, broadcast), so its row's ranks, Eff and bytes are that run's round record, and its
+global adapter is the one that run writes as adapter/ (``ServerState.final_adapter``). Each is
+evaluated on base + adapter without merging (``LoraHost.use_adapter``), which is what the clients
+of the merge methods (FLoRA, FLoRIST) hold after the round. What that adapter is per method:
 
 * FedIT, zero-padding, FFA-LoRA: the broadcast global adapter (zero-padding: at rank r_max);
 * FlexLoRA broadcasts one truncation per client; we evaluate the rank-r_max truncation of the
@@ -44,38 +47,42 @@ nats (lower is better), the sensitive choice when MMLU sits near chance.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from florist import privacy
-from florist.aggregation import AGGREGATORS, Adapter, ClientUpdate, GlobalResult, get_aggregator
-from florist.config import NEWER_METHODS, ConfigError, RunConfig
-from florist.federation import find_mmlu_file
+from florist.adapters import write_peft_adapter
+from florist.aggregation import AGGREGATORS, Aggregator
+from florist.config import METHODS, NEWER_METHODS, ConfigError, RunConfig
+from florist.evaluation.evaluator import Evaluator, find_mmlu_file
+from florist.federation import ClientSetup
 from florist.io import atomic_directory, atomic_write_json, atomic_write_text, output_lock
 from florist.progress import bar_disabled
-from florist.report import (
-    METHOD_LABELS,
-    SCORE_NAMES,
-    SCORE_SOURCES,
-    eval_score,
-    human_bytes,
-    per_client_bytes,
+from florist.report import SCORE_NAMES, SCORE_SOURCES, eval_score, human_bytes, per_client_bytes
+from florist.rounds import (
+    ClientTask,
+    Method,
+    RoundOutcome,
+    ServerState,
+    client_stats,
+    close_simulated,
+    fresh_lora,
+    run_client,
 )
 
 # The paper's methods (the default), then those published after it (florist.config.NEWER_METHODS).
-PAPER_METHODS = ("fedit", "zeropad", "flora", "flexlora", "ffa", "florist")
+PAPER_METHODS = METHODS
 SWEEP_METHODS = (*PAPER_METHODS, *NEWER_METHODS)
-HOMOGENEOUS_METHODS = ("fedit", "flora", "flexlora", "ffa", "florist", *NEWER_METHODS)
+# Zero-padding is FedIT for mixed ranks: with one rank it would repeat FedIT's row.
+HOMOGENEOUS_METHODS = tuple(m for m in SWEEP_METHODS if m != "zeropad")
 # Where a method declares no rule for mixed ranks it sits out the heterogeneous setting.
-HETEROGENEOUS_METHODS = ("zeropad", "flora", "flexlora", "ffa", "florist") + tuple(
-    m for m in NEWER_METHODS if AGGREGATORS[m].supports_heterogeneous
-)
+HETEROGENEOUS_METHODS = tuple(m for m in SWEEP_METHODS if AGGREGATORS[m].supports_heterogeneous)
 DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
 SWEEP_CLIENT_INITS = ("auto", "shared", "per_client", "both")
 DEFAULT_LOSS_TOLERANCE = 0.005  # nats: FLoRIST-E's allowance when τ is chosen on held-out loss
@@ -130,6 +137,11 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 # --- FLoRIST-O / -E and the table -----------------------------------------------------------
 
 
+def swept(method: str) -> bool:
+    """Whether ``method`` declares an option the sweep runs a grid over (FLoRIST's τ)."""
+    return AGGREGATORS[method].swept_option is not None
+
+
 def select_florist(
     rows: Sequence[dict[str, Any]], *, e_tolerance: float = 1.0, higher_is_better: bool = True
 ) -> tuple[dict, dict] | None:
@@ -162,15 +174,16 @@ def setting_table(setting: dict[str, Any]) -> list[dict[str, Any]]:
         return label[label.rindex(" (") :] if label.endswith(" init)") else ""
 
     table = [
-        dict(r, name=METHOD_LABELS[r["method"]] + init_note(r))
+        dict(r, name=AGGREGATORS[r["method"]].label + init_note(r))
         for r in setting["rows"]
-        if r["method"] != "florist"
+        if not swept(r["method"])
     ]
     for key, suffix in (("florist_o", "O"), ("florist_e", "E")):
         if setting.get(key):
-            table.append(dict(setting[key], name=f"FLoRIST-{suffix}" + init_note(setting[key])))
+            label = AGGREGATORS[setting[key]["method"]].label
+            table.append(dict(setting[key], name=f"{label}-{suffix}" + init_note(setting[key])))
     if not setting.get("florist_o"):  # no evaluation: list the τ grid instead
-        table += [dict(r, name=r["label"]) for r in setting["rows"] if r["method"] == "florist"]
+        table += [dict(r, name=r["label"]) for r in setting["rows"] if swept(r["method"])]
     return table
 
 
@@ -225,7 +238,7 @@ def finish_setting(
             score = eval_score(r.get("eval"), score_source)
             r["accuracy"] = score[1] if score else None
     picked = select_florist(
-        [r for r in setting["rows"] if r["method"] == "florist"],
+        [r for r in setting["rows"] if swept(r["method"])],
         e_tolerance=e_tolerance,
         higher_is_better=score_source != "loss",
     )
@@ -237,54 +250,48 @@ def finish_setting(
     return setting
 
 
-# --- one configuration's row ---------------------------------------------------------------
+# --- one configuration: its config, its row ----------------------------------------------------
 
 
-def eval_adapter(result: GlobalResult) -> Adapter:
-    """The adapter a method's global model is evaluated with (see the module docstring)."""
-    if result.global_view is not None:  # FedSA-LoRA: the average of the clients' updates
-        return result.global_view
-    if result.base_update is not None:  # FedEx-LoRA: the residual is in the clients' base
-        from florist.federation import stack_adapters
+def configurations(methods: Sequence[str], grid: Sequence[float]) -> list[tuple[str, float | None]]:
+    """(method, value of its swept option) for every method, every value of the grid where it
+    declares a swept option (FLoRIST's τ) and None otherwise."""
+    return [(m, v) for m in methods for v in (grid if AGGREGATORS[m].swept_option else [None])]
 
-        assert result.adapter is not None
-        return stack_adapters([result.base_update, result.adapter])
-    if result.per_client is None:
-        assert result.adapter is not None
-        return result.adapter
-    # FlexLoRA: the largest client's truncation (rank r_max); the first such client if tied.
-    return max(result.per_client.values(), key=lambda a: sum(f.rank for f in a.values()))
+
+def configured(cfg: RunConfig, method: str, value: float | None) -> RunConfig:
+    """``cfg`` for one configuration: its method and, where it has one, its swept option's value."""
+    option = AGGREGATORS[method].swept_option
+    return dataclasses.replace(
+        cfg, method=method, **({option: value} if option and value is not None else {})
+    )
+
+
+def row_label(method: str, value: float | None) -> str:
+    option = AGGREGATORS[method].swept_option
+    return AGGREGATORS[method].describe({option: value} if option and value is not None else {})
 
 
 def make_row(
-    method: str,
-    threshold: float | None,
-    result: GlobalResult,
-    updates: Sequence[ClientUpdate],
-    evaluation: dict[str, Any] | None,
-    *,
-    wire_dtype: torch.dtype,
-    aggregation_seconds: float,
+    method: str, value: float | None, entry: dict[str, Any], evaluation: dict[str, Any] | None
 ) -> dict[str, Any]:
-    from florist.comm import paper_eff, round_communication
-
-    comm = round_communication(result, updates, wire_dtype=wire_dtype)
+    """A configuration's row of sweep.json, from its round record (``florist.rounds.close_round``)."""
+    comm = entry["communication"]
     down, up = per_client_bytes(comm)
-    label = METHOD_LABELS[method] + (f" τ={threshold:.2f}" if threshold is not None else "")
     return {
         "method": method,
-        "label": label,
-        "threshold": threshold,
+        "label": row_label(method, value),
+        "threshold": value,
         "accuracy": None,  # set by finish_setting from "eval"
         "eval": evaluation,
-        "eff": paper_eff(result),
-        "rank_total": int(sum(result.ranks.values())),
-        "ranks": {k: int(v) for k, v in result.ranks.items()},
+        "eff": entry["eff"],
+        "rank_total": int(sum(entry["ranks"].values())),
+        "ranks": dict(entry["ranks"]),
         "bytes_down_per_client": down,
         "bytes_up_per_client": up,
         # Per-client and total counts; the per-module breakdown is left out to keep sweep.json small.
         "communication": {k: v for k, v in comm.items() if k != "modules"},
-        "aggregation_seconds": aggregation_seconds,
+        "aggregation_seconds": entry["aggregation_seconds"],
     }
 
 
@@ -304,8 +311,6 @@ class TrainingGroup:
 
 def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[TrainingGroup]:
     """The distinct trainings the methods need under ``client_init`` (auto | shared | per_client | both)."""
-    from florist.aggregation import AGGREGATORS
-
     if client_init not in SWEEP_CLIENT_INITS:
         raise ConfigError(f"client_init must be one of {', '.join(SWEEP_CLIENT_INITS)}, got {client_init!r}")
     groups: dict[tuple[str, tuple[object, ...]], list[str]] = {}
@@ -320,79 +325,46 @@ def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[T
         for init in inits:
             groups.setdefault((init, cls.training_kind()), []).append(method)
     # per-client inits first, then shared ones; the ordinary training before FFA's and RoLoRA's
-    order = sorted(
-        groups,
-        key=lambda key: (key[1] != AGGREGATORS["fedit"].training_kind(), key[1][0], key[0] != "per_client"),
-    )
+    ordinary = Aggregator.training_kind()
+    order = sorted(groups, key=lambda key: (key[1] != ordinary, key[1][0], key[0] != "per_client"))
     return [TrainingGroup(init, bool(kind[0]), tuple(groups[(init, kind)]), kind) for init, kind in order]
 
 
-def train_clients(
-    host: Any,
-    trainer: Any,
+Trained = list[tuple[ClientTask, Any]]  # each sampled client's task and ClientResult
+
+
+def train_group(
+    setup: ClientSetup,
     cfg: RunConfig,
-    client_examples: Sequence[list[dict]],
+    group: TrainingGroup,
     *,
-    frozen_A: bool = False,
-    client_init: str = "per_client",
-    progress: bool = True,
-    method: str | None = None,
     keep_start: bool = False,
-) -> list[Any]:
-    """Round 1 of `florist run` for every sampled client: fresh LoRA, rank and alpha from cfg.
-
-    ``method`` (any of its training group) gives the round-1 start and frozen factors (RoLoRA);
-    ``keep_start`` keeps each client's start in its result (DP clips the change from it)."""
-    from florist.federation import ServerState, _start, client_id, frozen_factors, sample_clients
-    from florist.training import ffa_frozen_A
-
-    r_max = max(cfg.client_rank(k) for k in range(cfg.num_clients))
-    frozen = ffa_frozen_A(cfg.seed, host.module_shapes, r_max) if frozen_A else None
-    results = []
-    for k in tqdm(
-        sample_clients(cfg, 1),
-        desc=f"training clients ({'frozen A, ' if frozen_A else ''}{client_init} init)",
-        disable=bar_disabled(None if progress else False),
-        leave=False,
+    progress: bool = True,
+) -> Trained:
+    """Round 1 of `florist run` for every sampled client, once for the whole ``group``: the
+    round engine's plan, start and training under the group's first method and client init."""
+    gcfg = dataclasses.replace(cfg, method=group.methods[0], client_init=group.client_init)
+    method = Method(gcfg, setup.host.module_shapes)
+    fresh = functools.partial(fresh_lora, setup.host)
+    trained = []
+    desc = f"training clients ({'frozen A, ' if group.frozen_A else ''}{group.client_init} init)"
+    for task in tqdm(
+        method.plan(1), desc=desc, disable=bar_disabled(None if progress else False), leave=False
     ):
-        rank = cfg.client_rank(k)
-        cls = AGGREGATORS[method] if method is not None else None
-        results.append(
-            trainer.train(
-                client_id=client_id(k),
-                client_index=k,
-                round_index=1,
-                examples=client_examples[k],
-                rank=rank,
-                alpha=cfg.client_alpha(k),
-                init=_start(cls, ServerState(), host, cfg, 1, k) if cls is not None else None,
-                freeze=frozen_factors(cls, 1) if cls is not None else (),
-                seed=cfg.seed,
-                frozen_A={n: a[:rank] for n, a in frozen.items()} if frozen is not None else None,
-                shared_init_rank=r_max if client_init == "shared" else None,
-                keep_start=keep_start,
-            )
+        start = method.start(task, None, None, fresh)
+        trained.append(
+            (task, run_client(setup.trainer, task, setup.examples(task.index), start, keep_start=keep_start))
         )
-    return results
+    return trained
 
 
-def aggregate_all(
-    updates: Sequence[ClientUpdate],
-    methods: Sequence[str],
-    thresholds: Sequence[float],
-    *,
-    dtype: torch.dtype = torch.float64,
-) -> Iterator[tuple[str, float | None, GlobalResult, float]]:
-    """(method, τ, result, seconds) for every method and every τ, from the same client updates.
-
-    A generator, so only one global result is alive at a time.
-    """
-    for method in methods:
-        for tau in thresholds if method == "florist" else [None]:
-            options = {"threshold": tau} if tau is not None else {}
-            t0 = time.perf_counter()
-            result = get_aggregator(method, dtype=dtype, **options).aggregate(updates)
-            yield method, tau, result, time.perf_counter() - t0
+def close_configuration(
+    cfg: RunConfig, shapes: dict[str, tuple[int, int]], trained: Trained
+) -> tuple[RoundOutcome, ServerState]:
+    """Round 1 of `florist run` under ``cfg`` from clients already trained: the round engine's
+    close of a simulated round. The outcome and the server it leaves behind."""
+    server = ServerState()
+    return close_simulated(Method(cfg, shapes), server, 1, trained), server
 
 
 def _setting_configs(cfg: RunConfig, heter: Sequence[bool]) -> list[tuple[str, RunConfig]]:
@@ -405,145 +377,57 @@ def _setting_configs(cfg: RunConfig, heter: Sequence[bool]) -> list[tuple[str, R
     return out
 
 
-@dataclasses.dataclass
-class ClientSetup:
-    """One base model in memory, the trainer on it, and every client's records and examples."""
-
-    host: Any  # florist.lora.LoraHost
-    tokenizer: Any
-    trainer: Any  # florist.training.LocalTrainer
-    prompter: Any
-    records: list[list[dict]]
-    examples: list[list[dict]]
-
-    @classmethod
-    def load(cls, cfg: RunConfig, model_factory: ModelFactory) -> ClientSetup:
-        from florist.data import Prompter, load_client_datasets, tokenize_dataset
-        from florist.lora import LoraHost
-        from florist.training import LocalTrainer, TrainConfig
-
-        model, tokenizer = model_factory()
-        host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
-        device = next(model.parameters()).device
-        trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
-        records = load_client_datasets(
-            cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
-        )
-        prompter = Prompter(cfg.prompt_template_name)
-        examples = [
-            tokenize_dataset(
-                r,
-                tokenizer,
-                cutoff_len=cfg.cutoff_len,
-                train_on_inputs=cfg.train_on_inputs,
-                prompter=prompter,
-            )
-            for r in records
-        ]
-        return cls(host, tokenizer, trainer, prompter, list(records), examples)
-
-
 def _sweep_one_round(
     cfg: RunConfig,
     methods: Sequence[str],
-    thresholds: Sequence[float],
+    grid: Sequence[float],
     heter: Sequence[bool],
     model_factory: ModelFactory,
     save_adapters: Path | None,
     progress: bool,
     client_init: str = "auto",
 ) -> list[dict[str, Any]]:
-    from florist.adapters import write_peft_adapter
-    from florist.federation import Evaluator
-
-    setup = ClientSetup.load(cfg, model_factory)
-    host, tokenizer, trainer, prompter = setup.host, setup.tokenizer, setup.trainer, setup.prompter
-    records, examples = setup.records, setup.examples
+    model, tokenizer = model_factory()
+    setup = ClientSetup.load(cfg, model, tokenizer)
     # The same held-out records, MMLU questions and scoring as `florist run`'s eval_after.
-    evaluate = Evaluator(cfg, prompter)
+    evaluate = Evaluator(cfg, setup.prompter)
     for note in evaluate.notes:
         tqdm.write(f"florist sweep: {note}")
-    enabled = bool(evaluate.heldout or evaluate.mmlu)
-    dtype = getattr(torch, cfg.aggregation_dtype)
-    wire = getattr(torch, cfg.wire_dtype)
-    base_eval = evaluate(host, tokenizer, None) if enabled else None
-
+    base_eval = evaluate(setup.host, setup.tokenizer, None) if evaluate.enabled else None
     settings = []
     for name, scfg in _setting_configs(cfg, heter):
         allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
         plan = training_groups([m for m in methods if m in allowed], client_init)
         inits_of = {m: {g.client_init for g in plan if m in g.methods} for m in methods}
-        trained: list[tuple[TrainingGroup, list[ClientUpdate]]] = []
+        rows: list[dict[str, Any]] = []
+        singular_values: dict[str, list[float]] = {}
         training: list[dict[str, Any]] = []
+        total = sum(len(configurations(g.methods, grid)) for g in plan)
+        bar = tqdm(
+            total=total,
+            desc=f"aggregating + evaluating {name}",
+            disable=bar_disabled(None if progress else False),
+        )
         for group in plan:
             if progress:
                 tqdm.write(f"sweep {name}: training the clients once for {', '.join(group.methods)} "
                            f"({group.client_init} init{', A frozen' if group.frozen_A else ''})")  # fmt: skip
-            results = train_clients(
-                host, trainer, scfg, examples, frozen_A=group.frozen_A, client_init=group.client_init,
-                progress=progress, method=group.methods[0],
-            )  # fmt: skip
-            trained.append((group, [r.update for r in results]))
+            trained = train_group(setup, scfg, group, progress=progress)
             training.append(
                 {
                     "client_init": group.client_init,
                     "frozen_A": group.frozen_A,
                     "methods": list(group.methods),
                     "round": 1,
-                    "client_stats": _client_stats(results),
+                    "client_stats": {t.client_id: client_stats(r) for t, r in trained},
                 }
             )
-
-        rows: list[dict[str, Any]] = []
-        singular_values: dict[str, list[float]] = {}
-        total = sum(len(thresholds) if m == "florist" else 1 for g in plan for m in g.methods)
-        bar = tqdm(
-            total=total,
-            desc=f"aggregating + evaluating {name}",
-            disable=bar_disabled(None if progress else False),
-        )
-        for group, updates in trained:
-            # Neighbouring τ often keep the same rank in every module: the truncations of one SVD
-            # are then identical adapters, so their evaluation is reused rather than recomputed.
-            seen: dict[tuple, dict[str, Any] | None] = {}
-            for method, tau, result, seconds in aggregate_all(
-                updates, group.methods, thresholds, dtype=dtype
-            ):
-                adapter = eval_adapter(result)
-                key = (method, tuple(sorted(result.ranks.items())))
-                if method == "florist" and key in seen:
-                    evaluation = seen[key]
-                else:
-                    evaluation = seen[key] = evaluate(host, tokenizer, adapter) if enabled else None
-                row = make_row(
-                    method, tau, result, updates, evaluation, wire_dtype=wire, aggregation_seconds=seconds
-                )
-                row["client_init"] = group.client_init
-                if AGGREGATORS[method].local_factors and result.per_client and evaluate.heldout:
-                    from florist.personalised import evaluate_clients
-
-                    row["eval_personal"] = evaluate_clients(
-                        scfg, host, tokenizer, prompter, result.per_client, records, evaluate.heldout
-                    )
-                if len(inits_of[method]) > 1:  # the method runs under both inits: say which
-                    row["label"] += f" ({group.client_init.replace('_', '-')} init)"
+            for row, sv in _group_rows(setup, evaluate, scfg, group, trained, grid, save_adapters, inits_of):
                 rows.append(row)
-                if method == "florist" and not singular_values:  # the same for every τ
-                    singular_values = {
-                        k: [float(x) for x in v.flatten().tolist()] for k, v in result.singular_values.items()
-                    }
-                if save_adapters is not None:
-                    write_peft_adapter(
-                        save_adapters
-                        / ("heterogeneous" if scfg.heter else "homogeneous")
-                        / adapter_label(row, with_init=len(inits_of[method]) > 1),
-                        adapter,
-                        base_model_name_or_path=cfg.global_model,
-                        target_modules=list(cfg.lora_target_modules),
-                    )
+                singular_values = singular_values or sv
                 bar.update()
                 if progress:  # a line per configuration: the progress a log file keeps
-                    tqdm.write(f"sweep {name} {len(rows)}/{total}: {_row_line(rows[-1])}")
+                    tqdm.write(f"sweep {name} {len(rows)}/{total}: {_row_line(row)}")
         bar.close()
         rows.sort(key=lambda r: (SWEEP_METHODS.index(r["method"]), r["client_init"], r["threshold"] or 0.0))
         setting = _setting(name, scfg, base_eval, rows, singular_values, training[:1])
@@ -552,10 +436,64 @@ def _sweep_one_round(
     return settings
 
 
+def _group_rows(
+    setup: ClientSetup,
+    evaluate: Evaluator,
+    scfg: RunConfig,
+    group: TrainingGroup,
+    trained: Trained,
+    grid: Sequence[float],
+    save_adapters: Path | None,
+    inits_of: dict[str, set[str]],
+) -> Iterator[tuple[dict[str, Any], dict[str, list[float]]]]:
+    """Every configuration of ``group`` on its trained clients: (row, singular values of the
+    swept method's decomposition, else {}). A generator: one global result alive at a time."""
+    # Neighbouring τ often keep the same rank in every module: the truncations of one SVD are
+    # then identical adapters, so their evaluation is reused rather than recomputed.
+    seen: dict[tuple, dict[str, Any] | None] = {}
+    for method, value in configurations(group.methods, grid):
+        mcfg = configured(dataclasses.replace(scfg, client_init=group.client_init), method, value)
+        outcome, server = close_configuration(mcfg, setup.host.module_shapes, trained)
+        adapter = server.final_adapter()  # what `florist run` writes as adapter/
+        key = (method, tuple(sorted(outcome.result.ranks.items())))
+        if value is None or key not in seen:
+            seen[key] = evaluate(setup.host, setup.tokenizer, adapter) if evaluate.enabled else None
+        row = make_row(method, value, outcome.entry, seen[key])
+        row["client_init"] = group.client_init
+        local = AGGREGATORS[method].local_factors
+        if local and evaluate.heldout:  # FedSA-LoRA: each client's own model, as florist run scores it
+            from florist.personalised import evaluate_run
+
+            row["eval_personal"] = evaluate_run(
+                mcfg,
+                setup.host,
+                setup.tokenizer,
+                setup.prompter,
+                server,
+                local,
+                setup.records,
+                evaluate.heldout,
+            )
+        both = len(inits_of[method]) > 1
+        if both:  # the method runs under both inits: say which
+            row["label"] += f" ({group.client_init.replace('_', '-')} init)"
+        if save_adapters is not None:
+            write_peft_adapter(
+                save_adapters
+                / ("heterogeneous" if scfg.heter else "homogeneous")
+                / adapter_label(row, with_init=both),
+                adapter,
+                base_model_name_or_path=scfg.global_model,
+                target_modules=list(scfg.lora_target_modules),
+            )
+        yield row, (outcome.entry["singular_values"] if swept(method) else {})
+
+
 def adapter_label(row: dict[str, Any], *, with_init: bool = False) -> str:
     """The directory name of a row's adapter, e.g. ``florist_tau0.90`` (``florist_tau0.90_shared``
     when the method ran under both inits)."""
-    label = row["method"] if row.get("threshold") is None else f"florist_tau{float(row['threshold']):.2f}"
+    value = row.get("threshold")
+    label = row["method"] if value is None else f"{row['method']}_tau{float(value):.2f}"
     return f"{label}_{row['client_init']}" if with_init else label
 
 
@@ -592,20 +530,6 @@ def _row_line(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _client_stats(results: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    return {
-        r.update.client_id: {
-            "rank": next(iter(r.update.ranks.values())),
-            "num_examples": r.update.num_examples,
-            "losses": [float(v) for v in r.losses],
-            "steps": r.steps,
-            "tokens": r.tokens,
-            "seconds": r.seconds,
-        }
-        for r in results
-    }
-
-
 # --- the several-round engine --------------------------------------------------------------
 
 
@@ -626,7 +550,7 @@ def _sweep_rounds(
         allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
         plan = training_groups([m for m in methods if m in allowed], client_init)
         pairs = [(m, g.client_init) for m in methods for g in plan if m in g.methods]
-        configs = [(m, init, t) for m, init in pairs for t in (thresholds if m == "florist" else [None])]
+        configs = [(m, init, t) for m, init in pairs for _, t in configurations([m], thresholds)]
         rows, base_eval, sv, training = [], None, {}, []
         sub = "heterogeneous" if scfg.heter else "homogeneous"
         for method, init, tau in tqdm(
@@ -635,9 +559,7 @@ def _sweep_rounds(
             row_key = {"method": method, "threshold": tau, "client_init": init}
             both = sum(1 for m, _ in pairs if m == method) > 1
             run_cfg = dataclasses.replace(
-                scfg,
-                method=method,
-                threshold=tau if tau is not None else scfg.threshold,
+                configured(scfg, method, tau),
                 client_init=init,
                 output_dir=str(runs_dir / sub / adapter_label(row_key, with_init=both)),
             )
@@ -649,7 +571,7 @@ def _sweep_rounds(
                 row["label"] += f" ({init.replace('_', '-')} init)"
             rows.append(row)
             base_eval = base_eval or metrics.get("eval_before")
-            if method == "florist" and not sv:
+            if swept(method) and not sv:
                 sv = (metrics["rounds"][0].get("singular_values") or {}) if metrics.get("rounds") else {}
             if not training:
                 training = [
@@ -679,7 +601,7 @@ def _row_from_metrics(
     last = rounds[-1] if rounds else {}
     return {
         "method": method,
-        "label": METHOD_LABELS[method] + (f" τ={tau:.2f}" if tau is not None else ""),
+        "label": row_label(method, tau),
         "threshold": tau,
         "accuracy": None,  # set by finish_setting from "eval"
         "eval": metrics.get("eval_after"),
@@ -733,8 +655,11 @@ def run_sweep(
     training_groups(methods, client_init)  # checks client_init
     if cfg.secure_aggregation:
         raise ConfigError(privacy.IN_PROCESS_SECAGG)
-    dataclasses.replace(cfg, method="florist", threshold=taus[-1], dp_mode="local").validate()
-    for method in methods:  # privacy settings hold per method (central DP: linear methods only)
+    # The common settings, under the swept method (it takes every rank setting and init), then
+    # the privacy settings per method (central DP: linear methods only).
+    common = next(m for m in SWEEP_METHODS if swept(m))
+    dataclasses.replace(configured(cfg, common, taus[-1]), dp_mode="local").validate()
+    for method in methods:
         problem = privacy.check_config(dataclasses.replace(cfg, method=method))
         if problem:
             raise ConfigError(problem)
@@ -823,7 +748,7 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
     lines = [f"# Sweep: {sweep['model']}", "", sweep["note"], "", sweep["selection_rule"], ""]
     for s in sweep["settings"]:
         lines += [f"## {s['name']}", "", s["table_markdown"], ""]
-        florist_rows = [r for r in s["rows"] if r["method"] == "florist"]
+        florist_rows = [r for r in s["rows"] if swept(r["method"])]
         if florist_rows:
             lines += [
                 "### FLoRIST per τ",

@@ -1,5 +1,5 @@
-"""bench/results_newer.py's bookkeeping: its section survives bench/results.py's re-render, and
-FedSA's personalised records are paired with the right held-out records."""
+"""bench/results_newer.py's bookkeeping: its section survives bench/results.py's re-render
+(bench/common.py), and FedSA's personalised records are paired with the right held-out records."""
 
 from __future__ import annotations
 
@@ -11,23 +11,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import common  # noqa: E402
 import results_newer as rn  # noqa: E402
 
 
 def test_the_newer_section_is_replaced_in_place_and_kept_across_a_rerender(tmp_path: Path) -> None:
-    block = f"{rn.START}\n## newer\nrow\n{rn.END}\n"
-    text = rn.splice("# Results\n\nmain table\n", block)
+    block = f"{common.START}\n## newer\nrow\n{common.END}\n"
+    text = common.splice("# Results\n\nmain table\n", block)
     assert text.startswith("# Results\n\nmain table\n") and text.endswith(block)
-    again = rn.splice(text + "\nafter\n", f"{rn.START}\nnew rows\n{rn.END}\n")
+    again = common.splice(text + "\nafter\n", f"{common.START}\nnew rows\n{common.END}\n")
     assert (
-        again.count(rn.START) == 1
+        again.count(common.START) == 1
         and "row\n" not in again
         and "new rows" in again
         and again.endswith("after\n")
     )
     (tmp_path / "results.md").write_text(text)
     (tmp_path / "results.json").write_text(json.dumps({"settings": [1], "newer_methods": {"rows": [2]}}))
-    doc, md = rn.keep_newer(tmp_path, {"settings": [3]}, "# Results\n\nre-rendered\n")
+    doc, md = common.keep_newer(tmp_path, {"settings": [3]}, "# Results\n\nre-rendered\n")
     assert doc == {"settings": [3], "newer_methods": {"rows": [2]}}
     assert md.startswith("# Results\n\nre-rendered\n") and md.rstrip("\n").endswith(block.rstrip("\n"))
 

@@ -24,7 +24,8 @@ import florist.models
 import florist.training
 from florist.aggregation import Adapter
 from florist.config import RunConfig
-from florist.federation import run_federated, sample_clients
+from florist.federation import run_federated
+from florist.rounds import sample_clients
 from florist.models import tiny_llama
 
 RANKS = [4, 2, 1]

@@ -812,10 +812,11 @@ def test_flower_rolora_with_partial_participation_equals_the_in_process_run(tmp_
     frozen one is stale), so its round starts where florist run starts it."""
     from test_flower_strategy import FakeGrid, assert_same_adapter, tiny_config, write_tiny_data
 
-    from florist.federation import run_federated, sample_clients
+    from florist.federation import run_federated
     from florist.flower.app_config import FlowerOptions
     from florist.flower.server_app import run_flower_server
     from florist.models import tiny_llama
+    from florist.rounds import sample_clients
 
     data = write_tiny_data(tmp_path / "data")
     settings = dict(heter=False, rounds=4, client_selection_frac=0.67, min_clients=2)

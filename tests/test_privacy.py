@@ -1008,19 +1008,16 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
 def test_one_training_noised_per_configuration_is_florist_runs_local_dp(
     method, tmp_path, federated_data, monkeypatch
 ):
-    """bench/privacy_results.py trains each group once (florist.sweep.train_clients with
-    keep_start) and privatizes the uploads per configuration. With the noise switched off in
+    """bench/privacy_results.py trains each group once (florist.sweep.train_group with
+    keep_start) and privatizes the uploads per configuration (close_configuration). With the noise switched off in
     both, that equals a one-round `florist run` under local DP: the same clipped uploads from the
     same starts, the same aggregate (C small enough that every upload is clipped)."""
     from conftest import tiny_run_config
 
     from florist.adapters import read_peft_adapter
-    from florist.data import Prompter, load_client_datasets, tokenize_dataset
-    from florist.federation import run_federated
-    from florist.lora import LoraHost
+    from florist.federation import ClientSetup, run_federated
     from florist.models import tiny_llama
-    from florist.sweep import eval_adapter, train_clients, training_groups
-    from florist.training import LocalTrainer, TrainConfig
+    from florist.sweep import close_configuration, train_group, training_groups
 
     monkeypatch.setattr(privacy, "add_noise_", lambda parts, std, generator: None)
     options = {"threshold": 0.9} if method == "florist" else {}
@@ -1031,29 +1028,10 @@ def test_one_training_noised_per_configuration_is_florist_runs_local_dp(
     assert metrics["rounds"][0]["privacy"]["clipped"] == 3
     want, _ = read_peft_adapter(tmp_path / "run" / "adapter")
 
-    model, tokenizer = tiny_llama(seed=0)
-    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
-    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), torch.device("cpu"))
-    records = load_client_datasets(cfg.data_path, cfg.num_clients, seed=cfg.seed)
-    examples = [
-        tokenize_dataset(
-            r,
-            tokenizer,
-            cutoff_len=cfg.cutoff_len,
-            train_on_inputs=cfg.train_on_inputs,
-            prompter=Prompter("alpaca"),
-        )
-        for r in records
-    ]
+    setup = ClientSetup.load(cfg, *tiny_llama(seed=0))
     (group,) = training_groups([method])
-    trained = train_clients(host, trainer, cfg, examples, frozen_A=group.frozen_A, client_init=group.client_init,
-                            method=method, keep_start=True, progress=False)  # fmt: skip
-    aggregator = get_aggregator(method, **options)
-    factors = aggregator.sent_factors(1)
-    g = privacy.noise_generator()
-    uploads = [privacy.privatize_upload(r.update, r.start, factors, clip_norm=1e-3, noise_multiplier=1.0,
-                                        generator=g)[0] for r in trained]  # fmt: skip
-    got = eval_adapter(privacy.released_view(aggregator.aggregate(uploads), factors))
+    trained = train_group(setup, cfg, group, keep_start=True, progress=False)
+    got = close_configuration(cfg, setup.host.module_shapes, trained)[1].final_adapter()
     assert got.keys() == want.keys()
     for name in want:
         delta_want = want[name].scaling * want[name].B.double() @ want[name].A.double()

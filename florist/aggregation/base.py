@@ -107,10 +107,28 @@ class GlobalResult:
         return self.adapter
 
 
+@dataclass(frozen=True)
+class BroadcastShape:
+    """One module's broadcast from the clients' ranks alone (``Aggregator.broadcast_shape``)."""
+
+    rank: int  # the broadcast adapter's rank
+    per_client: tuple[int, ...]  # the rank client k downloads of it
+    folded: int = 0  # the rank of an update folded into the base beside it, sent with both factors
+
+
 class Aggregator(ABC):
     """One federated LoRA aggregation method: a pure function of the client updates."""
 
     name: ClassVar[str]
+    label: ClassVar[str]  # how tables and plots name it
+    # RunConfig settings the constructor takes (FLoRIST: threshold), and the one that
+    # ``florist sweep`` runs a grid over (one local training serves every value).
+    options: ClassVar[tuple[str, ...]] = ()
+    swept_option: ClassVar[str | None] = None
+    # The broadcast rank depends on the uploads' values, not only their ranks (FLoRIST's τ).
+    rank_from_weights: ClassVar[bool] = False
+    # Client k downloads only the first r_k directions of the broadcast (zero-padding, FlexLoRA...).
+    sends_client_rank: ClassVar[bool] = False
     merges_into_base: ClassVar[bool] = False
     supports_heterogeneous: ClassVar[bool] = True
     uploaded_factors: ClassVar[tuple[Factor, ...]] = ("A", "B")
@@ -152,6 +170,20 @@ class Aggregator(ABC):
         return (cls.frozen_A, cls.trained_factors(1), own_start)
 
     @classmethod
+    def broadcast_shape(cls, client_ranks: Sequence[int], kept_rank: int | None = None) -> BroadcastShape:
+        """What ``aggregate`` broadcasts for one module, from the clients' ranks alone (and the
+        kept rank where ``rank_from_weights``): the paper's Eff tables for models never loaded.
+        The tests check it against real aggregations."""
+        rank = max(client_ranks)
+        down = tuple(client_ranks) if cls.sends_client_rank else (rank,) * len(client_ranks)
+        return BroadcastShape(rank, down)
+
+    @classmethod
+    def describe(cls, options: dict[str, object] | None = None) -> str:
+        """The label of one configuration, e.g. "FLoRIST τ=0.90"."""
+        return cls.label
+
+    @classmethod
     def initial_adapter(
         cls, module_shapes: dict[str, tuple[int, int]], rank: int, seed: int
     ) -> Adapter | None:
@@ -172,6 +204,25 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         """Combine the client updates of one round into what the server broadcasts."""
+
+    def result(
+        self,
+        adapter: Adapter | None = None,
+        *,
+        ranks: dict[str, int] | None = None,
+        factors: tuple[Factor, ...] | None = None,
+        **fields: object,
+    ) -> GlobalResult:
+        """This method's result: its name and merge rule as declared, the ranks of ``adapter``
+        unless given, and the factors that travel each way (default: those it uploads)."""
+        factors = factors or self.uploaded_factors
+        if ranks is None:
+            assert adapter is not None, "ranks come from the adapter"
+            ranks = {n: f.rank for n, f in adapter.items()}
+        return GlobalResult(
+            self.name, self.merges_into_base, ranks, adapter, downloaded_factors=factors, uploaded_factors=factors,
+            **fields,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     def aggregate_mean(
         self, mean: Adapter, clients: Sequence[ClientUpdate], round_index: int

@@ -20,6 +20,7 @@ import torch
 
 from florist.aggregation.base import (
     Aggregator,
+    BroadcastShape,
     ClientUpdate,
     GlobalResult,
     LoraFactors,
@@ -32,8 +33,14 @@ from florist.aggregation.linalg import padded_average, weighted_stack
 @register
 class FedEx(Aggregator):
     name = "fedex"
+    label = "FedEx-LoRA"
     supports_heterogeneous = False
     client_init = "shared"  # built on FedIT: every client starts from the one global model
+
+    @classmethod
+    def broadcast_shape(cls, client_ranks: Sequence[int], kept_rank: int | None = None) -> BroadcastShape:
+        r, k = max(client_ranks), len(client_ranks)
+        return BroadcastShape(r, (r,) * k, folded=(k + 1) * r)  # (B̄, Ā) and the residual
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator
@@ -46,10 +53,4 @@ class FedEx(Aggregator):
                 A=torch.cat([A, average.A], dim=0), B=torch.cat([B, -average.scaling * average.B], dim=1)
             )
             adapter[name] = average
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks={n: f.rank for n, f in adapter.items()},
-            adapter=adapter,
-            base_update=residual,
-        )
+        return self.result(adapter, base_update=residual)

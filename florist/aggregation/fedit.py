@@ -23,6 +23,7 @@ from florist.aggregation.linalg import padded_average
 @register
 class FedIT(Aggregator):
     name = "fedit"
+    label = "FedIT"
     supports_heterogeneous = False
     client_init = "shared"  # FedAvg: every client starts from the one global model
     linear_in_uploads = True
@@ -31,6 +32,4 @@ class FedIT(Aggregator):
         names = sorted(updates[0].modules)  # validated by Aggregator
         weights = client_weights(updates, self.dtype)
         adapter = {name: padded_average(updates, name, weights, self.dtype) for name in names}
-        return GlobalResult(
-            method=self.name, merge=False, ranks={n: f.rank for n, f in adapter.items()}, adapter=adapter
-        )
+        return self.result(adapter)

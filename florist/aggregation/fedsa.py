@@ -35,6 +35,8 @@ from florist.aggregation.linalg import padded_weighted_sum, to_cpu
 @register
 class FedSA(Aggregator):
     name = "fedsa"
+    label = "FedSA-LoRA"
+    sends_client_rank = True  # client k gets its own first r_k directions
     uploaded_factors = ("A",)
     local_factors = ("B",)
     client_init = "shared"  # one global A to start from, as in the authors' code
@@ -56,12 +58,4 @@ class FedSA(Aggregator):
                 )
             scaled = [w * u.modules[name].scaling for w, u in zip(p, updates)]
             view[name] = LoraFactors(A=A, B=padded_weighted_sum(Bs, scaled, rank, 1), scaling=1.0)
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks=ranks,
-            per_client=per_client,
-            global_view=view,
-            downloaded_factors=("A",),
-            uploaded_factors=("A",),
-        )
+        return self.result(ranks=ranks, per_client=per_client, global_view=view)

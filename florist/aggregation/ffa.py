@@ -49,6 +49,8 @@ def shared_A(updates: Sequence[ClientUpdate], name: str, dtype: torch.dtype) -> 
 @register
 class FFA(Aggregator):
     name = "ffa"
+    label = "FFA-LoRA"
+    sends_client_rank = True  # client k gets its own first r_k directions
     uploaded_factors = ("B",)
     frozen_A = True
     client_init = "shared"
@@ -68,12 +70,4 @@ class FFA(Aggregator):
         adapter, per_client, ranks = share_by_rank(
             updates, names, lambda name, rank: leading(average[name], rank)
         )
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks=ranks,
-            adapter=adapter,
-            per_client=per_client,
-            downloaded_factors=("B",),
-            uploaded_factors=("B",),
-        )
+        return self.result(adapter, ranks=ranks, per_client=per_client)

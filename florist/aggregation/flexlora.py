@@ -33,6 +33,8 @@ from florist.aggregation.linalg import (
 @register
 class FlexLoRA(Aggregator):
     name = "flexlora"
+    label = "FlexLoRA"
+    sends_client_rank = True  # client k gets its own first r_k directions
 
     def __init__(self, dtype: torch.dtype = torch.float64, *, decomposition: Decomposition = "dense") -> None:
         super().__init__(dtype)
@@ -48,14 +50,10 @@ class FlexLoRA(Aggregator):
         adapter, per_client, ranks = share_by_rank(
             updates, names, lambda name, rank: svds[name].factors(rank)
         )
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks=ranks,
-            adapter=adapter,
-            per_client=per_client,
-            singular_values={name: svd.S for name, svd in svds.items()},
-            options={"decomposition": self.decomposition},
+        singular_values = {name: svd.S for name, svd in svds.items()}
+        options = {"decomposition": self.decomposition}
+        return self.result(
+            adapter, ranks=ranks, per_client=per_client, singular_values=singular_values, options=options
         )
 
     def __repr__(self) -> str:

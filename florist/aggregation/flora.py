@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from florist.aggregation.base import (
     Aggregator,
+    BroadcastShape,
     ClientUpdate,
     GlobalResult,
     LoraFactors,
@@ -23,7 +24,13 @@ from florist.aggregation.linalg import weighted_stack
 @register
 class FLoRA(Aggregator):
     name = "flora"
+    label = "FLoRA"
     merges_into_base = True
+
+    @classmethod
+    def broadcast_shape(cls, client_ranks: Sequence[int], kept_rank: int | None = None) -> BroadcastShape:
+        total = sum(client_ranks)  # the whole stack, to every client
+        return BroadcastShape(total, (total,) * len(client_ranks))
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator
@@ -32,6 +39,4 @@ class FLoRA(Aggregator):
         for name in names:
             B, A = weighted_stack(updates, name, weights, self.dtype)
             adapter[name] = LoraFactors(A=A, B=B, scaling=1.0)
-        return GlobalResult(
-            method=self.name, merge=True, ranks={n: f.rank for n, f in adapter.items()}, adapter=adapter
-        )
+        return self.result(adapter)

@@ -19,6 +19,7 @@ import torch
 
 from florist.aggregation.base import (
     Aggregator,
+    BroadcastShape,
     ClientUpdate,
     GlobalResult,
     client_weights,
@@ -36,7 +37,22 @@ from florist.aggregation.linalg import (
 @register
 class FLoRIST(Aggregator):
     name = "florist"
+    label = "FLoRIST"
     merges_into_base = True
+    options = ("threshold",)
+    swept_option = "threshold"
+    rank_from_weights = True
+
+    @classmethod
+    def broadcast_shape(cls, client_ranks: Sequence[int], kept_rank: int | None = None) -> BroadcastShape:
+        if kept_rank is None:
+            raise ValueError("florist's broadcast rank depends on the weights: pass florist_rank")
+        return BroadcastShape(kept_rank, (kept_rank,) * len(client_ranks))
+
+    @classmethod
+    def describe(cls, options: dict[str, object] | None = None) -> str:
+        tau = (options or {}).get("threshold")
+        return cls.label if tau is None else f"{cls.label} τ={float(tau):.2f}"  # type: ignore[arg-type]
 
     def __init__(
         self,
@@ -65,14 +81,8 @@ class FLoRIST(Aggregator):
             rank = energy_rank(svd.S, self.threshold, (B.shape[0], A.shape[1]))
             adapter[name] = svd.factors(rank)
             singular_values[name] = svd.S
-        return GlobalResult(
-            method=self.name,
-            merge=True,
-            ranks={n: f.rank for n, f in adapter.items()},
-            adapter=adapter,
-            singular_values=singular_values,
-            options={"threshold": self.threshold, "decomposition": self.decomposition},
-        )
+        options = {"threshold": self.threshold, "decomposition": self.decomposition}
+        return self.result(adapter, singular_values=singular_values, options=options)
 
     def __repr__(self) -> str:
         return (

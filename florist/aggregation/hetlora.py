@@ -38,6 +38,8 @@ def update_norm(f: LoraFactors, dtype: torch.dtype) -> float:
 @register
 class HetLoRA(Aggregator):
     name = "hetlora"
+    label = "HetLoRA"
+    sends_client_rank = True  # client k gets its own first r_k directions
     client_init = "shared"  # the server's global LoRA at r_max, truncated per client
 
     def __init__(self, dtype: torch.dtype = torch.float64, *, data_weights: bool = False) -> None:
@@ -65,14 +67,8 @@ class HetLoRA(Aggregator):
         adapter, per_client, ranks = share_by_rank(
             updates, names, lambda name, rank: leading(average[name], rank)
         )
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks=ranks,
-            adapter=adapter,
-            per_client=per_client,
-            options={"data_weights": self.data_weights},
-        )
+        options = {"data_weights": self.data_weights}
+        return self.result(adapter, ranks=ranks, per_client=per_client, options=options)
 
     def __repr__(self) -> str:
         return f"HetLoRA(dtype={self.dtype}, data_weights={self.data_weights})"

@@ -57,6 +57,7 @@ def corrected_B(
 @register
 class LoRAFAIR(Aggregator):
     name = "lorafair"
+    label = "LoRA-FAIR"
     supports_heterogeneous = False
     client_init = "shared"  # built on FedIT
 
@@ -80,13 +81,7 @@ class LoRAFAIR(Aggregator):
             average = padded_average(updates, name, p, self.dtype)
             X = corrected_B(updates, name, p, average.B * average.scaling, average.A, self.regularization)
             adapter[name] = LoraFactors(A=average.A, B=X / average.scaling, scaling=average.scaling)
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks={n: f.rank for n, f in adapter.items()},
-            adapter=adapter,
-            options={"regularization": self.regularization},
-        )
+        return self.result(adapter, options={"regularization": self.regularization})
 
     def __repr__(self) -> str:
         return f"LoRAFAIR(dtype={self.dtype}, regularization={self.regularization})"

@@ -50,6 +50,7 @@ def _shared(updates: Sequence[ClientUpdate], name: str, factor: Factor) -> bool:
 @register
 class RoLoRA(Aggregator):
     name = "rolora"
+    label = "RoLoRA"
     supports_heterogeneous = False
     client_init = "shared"
     client_inits = ("shared",)  # exactness needs the frozen factor shared from round 1 on
@@ -117,12 +118,5 @@ class RoLoRA(Aggregator):
             )
             adapter[name] = LoraFactors(A=A, B=B, scaling=first.scaling)
         assert trained is not None
-        return GlobalResult(
-            method=self.name,
-            merge=False,
-            ranks={n: f.rank for n, f in adapter.items()},
-            adapter=adapter,
-            downloaded_factors=(trained,),
-            uploaded_factors=(trained,),
-            options={"trained_factor": trained, "both_shared": both_shared},
-        )
+        options = {"trained_factor": trained, "both_shared": both_shared}
+        return self.result(adapter, factors=(trained,), options=options)

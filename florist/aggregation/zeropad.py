@@ -28,6 +28,8 @@ from florist.aggregation.linalg import leading, padded_average, share_by_rank
 @register
 class ZeroPad(Aggregator):
     name = "zeropad"
+    label = "Zero-padding"
+    sends_client_rank = True  # client k gets its own first r_k directions
     linear_in_uploads = True  # a fixed average of the padded factors
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
@@ -37,6 +39,4 @@ class ZeroPad(Aggregator):
         adapter, per_client, ranks = share_by_rank(
             updates, names, lambda name, rank: leading(average[name], rank)
         )
-        return GlobalResult(
-            method=self.name, merge=False, ranks=ranks, adapter=adapter, per_client=per_client
-        )
+        return self.result(adapter, ranks=ranks, per_client=per_client)

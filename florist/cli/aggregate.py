@@ -143,20 +143,21 @@ def _check_out(out: Path, clients: list[Path], overwrite: bool) -> None:
 
 
 def _aggregator_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threshold is not None and args.method != "florist":
-        raise AdapterError(f"--threshold applies to --method florist, not {args.method}")
-    options: dict[str, Any] = {}
-    if args.method == "florist":
-        options["threshold"] = 0.9 if args.threshold is None else args.threshold
-    given = {k: getattr(args, k) for k in ("decomposition", "regularization", "data_weights")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given:
-        from florist.aggregation import AGGREGATORS
+    """The method's options from the flags it accepts; the ones it declares (FLoRIST's τ) always,
+    at their defaults when not given."""
+    from florist.aggregation import AGGREGATORS
 
-        accepted = inspect.signature(AGGREGATORS[args.method].__init__).parameters
-        for key, value in given.items():
-            if key not in accepted:
-                raise AdapterError(f"--{key.replace('_', '-')} does not apply to --method {args.method}")
+    cls = AGGREGATORS[args.method]
+    accepted = inspect.signature(cls.__init__).parameters
+    takes = [m for m, c in sorted(AGGREGATORS.items()) if "threshold" in c.options]
+    if args.threshold is not None and "threshold" not in cls.options:
+        raise AdapterError(f"--threshold applies to --method {' or '.join(takes)}, not {args.method}")
+    options: dict[str, Any] = {name: accepted[name].default for name in cls.options}
+    for key in ("threshold", "decomposition", "regularization", "data_weights"):
+        value = getattr(args, key)
+        if value is not None and key not in accepted:
+            raise AdapterError(f"--{key.replace('_', '-')} does not apply to --method {args.method}")
+        if value is not None:
             options[key] = value
     return options
 

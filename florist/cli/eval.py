@@ -184,7 +184,7 @@ def find_inputs(
 ) -> tuple[Path | None, Path | None, list[str]]:
     """The MMLU and held-out files: given ones, else (for a run) the run's own, else the usual places."""
     from florist import data
-    from florist.federation import find_mmlu_file
+    from florist.evaluation.evaluator import find_mmlu_file
 
     notes: list[str] = []
     cfg = _run_cfg(target, mmlu)

@@ -17,10 +17,12 @@ A SuperNode is started with its own ``--node-config``::
 * ``output-dir`` (optional): where the node writes the final global adapter it receives.
 
 The model, method and training settings come from the run config (``florist.flower.app_config``).
-A ClientApp process may be started afresh for every message, so what must survive between rounds
-lives in ``context.state``, which the SuperNode keeps for the run: the global adapters merged into
-the base so far (merge methods) and FFA's frozen A. Heavy imports happen inside the handlers so the
-``info`` query answers quickly.
+Each round is the round engine's (``florist.rounds``): ``Method.task`` and ``Method.start`` from
+what the server sent, ``run_client``, then ``protect_upload`` (local DP's noise, or central DP's
+clipping) before anything leaves the node. A ClientApp process may be started afresh for every
+message, so what must survive between rounds lives in ``context.state``, which the SuperNode keeps
+for the run: the global adapters merged into the base so far (merge methods) and the node's own
+last trained adapter. Heavy imports happen inside the handlers so the ``info`` query answers quickly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.config import ConfigError, RunConfig
@@ -53,7 +55,7 @@ class NodeSettings:
 
     @property
     def client_id(self) -> str:
-        from florist.federation import client_id
+        from florist.algebra import client_id
 
         return client_id(self.partition_id)
 
@@ -113,7 +115,7 @@ def _hold_if_asked(node_config: dict[str, Any], rnd: int) -> None:
         time.sleep(0.2)
 
 
-# --- node state: merged global adapters and FFA's frozen A -------------------------------------
+# --- node state: merged global adapters and the node's own adapter -------------------------------------
 
 
 def stored_merged_rounds(state: RecordDict) -> list[int]:
@@ -169,21 +171,6 @@ def _held(
         expected_shapes=shapes,
         sender="this node's own state",
     )
-
-
-def _zeros(shapes: dict[str, tuple[int, int]], rank: int) -> Any:
-    import torch
-
-    from florist.aggregation import LoraFactors
-
-    return {n: LoraFactors(A=torch.zeros(rank, i), B=torch.zeros(o, rank)) for n, (o, i) in shapes.items()}
-
-
-def _zero_local(adapter: Any, local: tuple[str, ...]) -> Any:
-    """Local factors start at zero before a node has trained (a fresh B is zero)."""
-    from florist.federation import with_local_factors
-
-    return adapter if not local else with_local_factors(adapter, None, local)
 
 
 def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
@@ -243,21 +230,20 @@ def info(message: Message, context: Context) -> Message:
 
 @app.train(mods=[secagg.client_mod])
 def train(message: Message, context: Context) -> Message:
-    """One round of local training, starting where the server's message says."""
+    """One round of local training, starting where the server's message says (``florist.rounds``)."""
     if secagg.is_masking_call(message):  # SecAgg+ wants the upload train.secagg kept
         return secagg.kept_upload(message, context)
-    import torch
+    import functools
 
     from florist import privacy
-    from florist.aggregation import AGGREGATORS
-    from florist.federation import frozen_factors, pad_adapter, truncate_adapter
     from florist.lora import LoraHost
     from florist.models import resolve_device
-    from florist.training import LocalTrainer, TrainConfig, ffa_frozen_A, init_generator
+    from florist.rounds import Method, client_privacy, fresh_lora, protect_upload, run_client
+    from florist.training import LocalTrainer, TrainConfig
 
     cfg, node = node_settings(context)
     config = message.content[protocol.CONFIG]
-    rnd, k = int(config["round"]), node.partition_id
+    rnd = int(config["round"])
     _hold_if_asked(dict(context.node_config), rnd)
 
     model, tokenizer = _load_model(cfg)
@@ -270,92 +256,70 @@ def train(message: Message, context: Context) -> Message:
     for r in _absorb_merged(message, context.state, int(config["merged-rounds"])):
         host.merge_into_base(_merged_adapter(context.state, r, shapes))
 
-    frozen_A = None
-    # The run's largest rank: FFA's frozen A and a shared init are drawn at it, for every node alike.
-    shared_init_rank = int(config["init-rank"]) if cfg.resolved_client_init() == "shared" else None
-    if AGGREGATORS[cfg.method].frozen_A:
-        # Derived once from the shared seed, then kept in the node's state for the whole run.
-        if protocol.STATE_FFA not in context.state.array_records:
-            A = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"]))
-            context.state[protocol.STATE_FFA] = ArrayRecord({n: Array(A[n].numpy()) for n in sorted(A)})
-        stored = context.state[protocol.STATE_FFA]
-        frozen_A = {n: torch.from_numpy(arr.numpy().copy()) for n, arr in stored.items()}
-        if min(a.shape[0] for a in frozen_A.values()) < node.rank:
-            raise ConfigError(
-                f"{node.client_id}: lora-rank {node.rank} exceeds the run's FFA rank {config['ffa-rank']}"
-            )
-
-    method = AGGREGATORS[cfg.method]
-    held = _held(context.state, config, method, shapes, node.client_id)
-    start = method.initial_adapter(shapes, node.rank, cfg.seed)  # RoLoRA's shared round-1 start
-    init = truncate_adapter(start, node.rank) if start is not None and held is None else None
-    if protocol.INIT in message.content.array_records:
-        init = record_to_adapter(
-            message.content[protocol.INIT],
-            message.content[protocol.INIT_SCALING],
-            factors=tuple(config["init-factors"]),
-            frozen_A=frozen_A,
-            expected_shapes=shapes,
-            sender="the server's broadcast",
-            fill=held or _zero_local(start or _zeros(shapes, node.rank), method.local_factors),
-        )
-        # As in florist.federation: grow a too-small adapter with this round's fresh init, then cut.
-        if min(f.rank for f in init.values()) < node.rank:
-            generator = init_generator(cfg.seed, rnd, k, shared=shared_init_rank is not None)
-            host.install(node.rank, node.alpha, generator=generator, init_rank=shared_init_rank)
-            fresh = host.extract()
-            host.remove()
-            init = pad_adapter(init, fresh)
-        init = truncate_adapter(init, node.rank)
-
-    device = resolve_device(cfg.device)
-    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
-    dp = cfg.dp_mode if privacy.dp_enabled(cfg) else None
-    result = trainer.train(
-        client_id=node.client_id,
-        client_index=k,
-        round_index=rnd,
-        examples=_examples(cfg, node, tokenizer),
-        rank=node.rank,
-        alpha=node.alpha,
-        init=init,
-        seed=cfg.seed,
-        frozen_A={n: A[: node.rank] for n, A in frozen_A.items()} if frozen_A is not None else None,
-        shared_init_rank=shared_init_rank,
-        keep_start=dp is not None,
-        freeze=frozen_factors(method, rnd),
-    )
+    # The run's largest rank comes from the server: FFA's frozen A and a shared init are drawn at it.
+    method = Method(cfg, shapes, r_max=int(config["ffa-rank"]))
+    task = method.task(rnd, node.partition_id, rank=node.rank, alpha=node.alpha)
+    held = _held(context.state, config, method.aggregator, shapes, node.client_id)
+    received = _received(message, config, method, task.rank, held)
+    start = method.start(task, received, held, functools.partial(fresh_lora, host))
+    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), resolve_device(cfg.device))
+    dp = privacy.dp_enabled(cfg)
+    result = run_client(trainer, task, _examples(cfg, node, tokenizer), start, keep_start=dp)
     # What this node keeps for the next round: the factors that will not travel back to it
     # (FedSA-LoRA's own B, RoLoRA's frozen factor), as trained here, before any DP noise.
     own, own_scalings = adapter_to_record(result.update.modules, wire_dtype="float32")
     context.state[protocol.STATE_OWN] = own
     context.state[protocol.STATE_OWN_SCALING] = own_scalings
     context.state[protocol.STATE_OWN_ROUND] = ConfigRecord({"round": rnd})
-    upload = result.update
-    if dp:  # before anything leaves this node (florist.privacy)
-        trained = AGGREGATORS[cfg.method].trained_factors(rnd)
-        factors = tuple(f for f in config["upload-factors"] if f in trained)
-        if dp == "local":  # clipped and noised here
-            upload, _norm = privacy.privatize_upload(
-                upload,
-                result.start,
-                factors,
-                clip_norm=cfg.dp_clip_norm,
-                noise_multiplier=cfg.dp_noise_multiplier,
-                generator=privacy.noise_generator(),
-            )
-        else:  # central: clipped here, the server noises the mean (Flower's client-side fixed clipping)
-            upload, _norm = privacy.clip_upload(upload, result.start, factors, cfg.dp_clip_norm)
-    arrays, scalings = adapter_to_record(
-        upload.modules, factors=tuple(config["upload-factors"]), wire_dtype=cfg.wire_dtype
+    # Local DP noises here, central DP clips here: the server never sees an unprotected upload.
+    step = client_privacy(cfg, server_sees_uploads=False)
+    upload, _norm = protect_upload(
+        cfg, result, task.upload, step, privacy.noise_generator() if step else None
     )
+    return _reply(message, context, cfg, node, result, upload, tuple(config["upload-factors"]), dp)
+
+
+def _received(
+    message: Message,
+    config: ConfigRecord,
+    method: Any,
+    rank: int,
+    held: Any,
+    *,
+    sender: str = "the server's broadcast",
+) -> Any:
+    """The adapter the server sent this node to continue from, or None. The factors it did not
+    send are this node's own (``held``) or, before it has trained, the round's common start."""
+    if protocol.INIT not in message.content.array_records:
+        return None
+    from florist.algebra import with_local_factors, zeros_adapter
+
+    shapes = method.shapes
+    start = method.aggregator.initial_adapter(shapes, rank, method.cfg.seed) or zeros_adapter(shapes, rank)
+    return record_to_adapter(
+        message.content[protocol.INIT],
+        message.content[protocol.INIT_SCALING],
+        factors=tuple(config["init-factors"]),
+        frozen_A=method.frozen_A,
+        expected_shapes=shapes,
+        sender=sender,
+        fill=held or with_local_factors(start, None, method.aggregator.local_factors),
+    )
+
+
+def _reply(
+    message: Message, context: Context, cfg: RunConfig, node: NodeSettings, result: Any, upload: Any,
+    factors: tuple[str, ...], dp: bool,
+) -> Message:  # fmt: skip
+    """The upload (only ``factors``), the training's statistics and this node's module shapes."""
+    arrays, scalings = adapter_to_record(upload.modules, factors=factors, wire_dtype=cfg.wire_dtype)
     # Under DP the training losses stay here: they are computed on the private records, and only
     # the upload is privatised (florist.privacy).
     losses = [] if dp else [float(x) for x in result.losses]
     metrics = MetricRecord(
         {
             "num-examples": int(result.update.num_examples),
-            "partition-id": k,
+            "partition-id": node.partition_id,
             "rank": node.rank,
             "steps": int(result.steps),
             "tokens": int(result.tokens),
@@ -394,25 +358,14 @@ def finalize(message: Message, context: Context) -> Message:
     have = _absorb_merged(message, context.state, int(config["merged-rounds"]))
     if node.output_dir:
         from florist.adapters import write_peft_adapter
-        from florist.aggregation import AGGREGATORS
-        from florist.federation import stack_adapters
-        from florist.training import ffa_frozen_A
+        from florist.algebra import stack_adapters
+        from florist.rounds import Method
 
         shapes = {n: (int(v[0]), int(v[1])) for n, v in context.state[protocol.STATE_SHAPES].items()}
-        method = AGGREGATORS[cfg.method]
-        final = None
-        if protocol.INIT in message.content.array_records:  # what the node would continue from
-            factors = tuple(config["init-factors"])
-            frozen = ffa_frozen_A(cfg.seed, shapes, int(config["ffa-rank"])) if method.frozen_A else None
-            final = record_to_adapter(
-                message.content[protocol.INIT],
-                message.content[protocol.INIT_SCALING],
-                factors=factors,
-                frozen_A=frozen,
-                expected_shapes=shapes,
-                sender="the server's final broadcast",
-                fill=_held(context.state, config, method, shapes, node.client_id),
-            )
+        method = Method(cfg, shapes, r_max=int(config["ffa-rank"]))
+        held = _held(context.state, config, method.aggregator, shapes, node.client_id)
+        # what the node would continue from
+        final = _received(message, config, method, node.rank, held, sender="the server's final broadcast")
         if have:  # every update folded into the base, then the continued adapter (FedEx-LoRA)
             merged = [_merged_adapter(context.state, r, shapes) for r in have]
             final = stack_adapters(merged + ([final] if final is not None else []))

@@ -37,7 +37,6 @@ MERGED_SCALING = "merged-scaling"
 # Keys in a node's context.state.
 STATE_MERGED = "florist.merged"
 STATE_MERGED_SCALING = "florist.merged-scaling"
-STATE_FFA = "florist.ffa-frozen-A"
 STATE_SHAPES = "florist.shapes"
 # The node's own last trained adapter and its round (the factors that do not travel back to it).
 STATE_OWN = "florist.own"

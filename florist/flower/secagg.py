@@ -19,7 +19,7 @@ A round has two steps:
    sum_k w_k x_k / sum_k w_k, FedIT's weighted average up to quantisation.
 
 Under central DP each node clips its upload and weighs it 1, and the server adds N(0, (zC/m)²) to
-the unmasked mean (``florist.privacy.noised_mean``); under local DP the nodes noise before masking.
+the unmasked mean (``florist.privacy.CentralDP``); under local DP the nodes noise before masking.
 
 The average, with the factors that did not travel filled in as the server holds them (RoLoRA's
 frozen factor: the round's start; FedSA's B_k: zeros, as in every Flower round), is then turned
@@ -36,7 +36,6 @@ m * 3.8e-6 per coordinate.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -157,17 +156,13 @@ def _bridge(node_ids: list[int]) -> Any:
 
 
 def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) -> None:
-    """One round of ``strategy`` (a FloristStrategy) whose uploads only SecAgg+ sees."""
+    """One round of ``strategy`` (a FloristStrategy) whose uploads only SecAgg+ sees: the nodes
+    train (``train.secagg``), SecAgg+ sums their uploads, and the round engine closes the round
+    with that sum in place of the aggregation (``Aggregator.aggregate_mean``)."""
     from flwr.common import ndarray_to_bytes  # noqa: F401  (fails early if flwr lacks SecAgg+)
-    from flwr.server import ServerConfig
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-    from flwr.server.workflow.constant import Key as WorkflowKey
 
     from florist import privacy
     from florist.aggregation import ClientUpdate
-    from florist.flower.payload import record_to_adapter
     from florist.flower.strategy import FlowerRunError
 
     rnd = server_round + strategy.round_offset
@@ -181,15 +176,50 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
         for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
     ]
     for m in messages:  # the record of what was sent, for the SuperLink's error replies
-        strategy._sent[m.metadata.dst_node_id]["message"] = m
+        strategy.sent[m.metadata.dst_node_id]["message"] = m
     trained, stats, _ = strategy.collect(rnd, grid.send_and_receive(messages, timeout=timeout))
-    by_node = {strategy.nodes[n].client_id: n for n in strategy._sent}
+    by_node = {strategy.nodes[n].client_id: n for n in strategy.sent}
     node_ids = [by_node[u.client_id] for u in trained]
     if len(node_ids) < max(2, strategy.cfg.min_clients):
         raise FlowerRunError(f"round {rnd}: secure aggregation needs at least 2 clients, got {len(node_ids)}")
-    t0 = time.perf_counter()
     # Central DP needs the uniform mean of the clipped uploads (florist.privacy).
     central = privacy.dp_enabled(strategy.cfg) and strategy.cfg.dp_mode == "central"
+    max_weight = 1.0 if central else float(max(u.num_examples for u in trained))
+    average = _secure_average(grid, rnd, node_ids, max_weight, timeout)
+    factors = tuple(strategy.aggregator.sent_factors(rnd))
+    names = sorted(strategy.method.shapes)
+    keys = sorted(f"{n}/{f}" for n in names for f in factors)
+    if len(keys) != len(average):
+        raise FlowerRunError(f"round {rnd}: the secure sum has {len(average)} arrays, expected {len(keys)}")
+    from flwr.app import Array
+
+    arrays = ArrayRecord({key: Array(arr.astype("float32")) for key, arr in zip(keys, average)})
+    # One scaling per module for all (homogeneous ranks and alpha), or the sum means nothing.
+    scalings = [strategy.reply_scalings.get(u.client_id) for u in trained]
+    if any(s != scalings[0] for s in scalings):
+        raise FlowerRunError(f"round {rnd}: the clients' LoRA scalings differ; secure aggregation needs one")
+    # Homogeneous ranks: every node's held factors are the same.
+    node = strategy.nodes[node_ids[0]]
+    mean = strategy.decode_upload(arrays, scalings[0], node, rnd, f"round {rnd}, the secure sum")
+    # For florist's byte accounting, every client uploaded what the sum has (same shapes).
+    stand_ins = [ClientUpdate(u.client_id, u.num_examples, mean) for u in trained]
+    outcome = strategy.close(
+        rnd, stand_ins, stats, combine=lambda ups: strategy.aggregator.aggregate_mean(mean, ups, rnd)
+    )
+    strategy.finish_round(outcome, {})
+
+
+def _secure_average(grid: Any, rnd: int, node_ids: list[int], max_weight: float, timeout: float) -> list[Any]:
+    """Flower's SecAggPlusWorkflow over ``node_ids``: the unmasked weighted average of their kept
+    uploads, as arrays in sorted key order."""
+    from flwr.server import ServerConfig
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    from florist.flower.strategy import FlowerRunError
+
     bridge = _bridge(node_ids)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -201,7 +231,7 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,  # every sampled node holds a share of every other's keys
         reconstruction_threshold=0.67,
-        max_weight=1.0 if central else float(max(u.num_examples for u in trained)),
+        max_weight=max_weight,
         clipping_range=CLIPPING_RANGE,
         quantization_range=QUANTIZATION_RANGE,
         timeout=timeout,
@@ -212,38 +242,4 @@ def secure_round(strategy: Any, grid: Any, server_round: int, timeout: float) ->
             f"round {rnd}: secure aggregation did not complete for every client that trained "
             f"({len(bridge.failures)} failure(s): {'; '.join(str(f) for f in bridge.failures)[:300]})"
         )
-    factors = tuple(strategy.aggregator.sent_factors(rnd))
-    if strategy.aggregator.frozen_A and strategy.frozen_A is None:
-        from florist.training import ffa_frozen_A
-
-        strategy.frozen_A = ffa_frozen_A(strategy.cfg.seed, strategy.module_shapes, strategy.ffa_rank())
-    names = sorted(strategy.module_shapes)
-    keys = sorted(f"{n}/{f}" for n in names for f in factors)
-    if len(keys) != len(bridge.average):
-        raise FlowerRunError(
-            f"round {rnd}: the secure sum has {len(bridge.average)} arrays, expected {len(keys)}"
-        )
-    from flwr.app import Array
-
-    average = ArrayRecord({key: Array(arr.astype("float32")) for key, arr in zip(keys, bridge.average)})
-    # One scaling per module for all (homogeneous ranks and alpha), or the sum means nothing.
-    scalings = [strategy.reply_scalings.get(u.client_id) for u in trained]
-    common = scalings[0]
-    if any(s != common for s in scalings):
-        raise FlowerRunError(f"round {rnd}: the clients' LoRA scalings differ; secure aggregation needs one")
-    modules = record_to_adapter(
-        average,
-        common,
-        factors=factors,
-        frozen_A=strategy.frozen_A if strategy.aggregator.frozen_A else None,
-        expected_shapes=strategy.module_shapes,
-        sender=f"round {rnd}, the secure sum",
-        # homogeneous ranks: every node's held factors are the same
-        fill=strategy._held(strategy.nodes[node_ids[0]]) if factors != ("A", "B") else None,
-    )
-    result = strategy.aggregator.aggregate_mean(modules, trained, rnd)
-    if central:  # the nodes clipped and weighed themselves 1: noise the mean here
-        result = privacy.noised_mean(result, strategy.aggregator, strategy.cfg, rnd, len(trained))
-    # For florist's byte accounting, every client uploaded what the sum has (same shapes).
-    stand_ins = [ClientUpdate(u.client_id, u.num_examples, modules) for u in trained]
-    strategy.finish_round(rnd, stand_ins, stats, {}, result, time.perf_counter() - t0)
+    return bridge.average

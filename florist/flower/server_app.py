@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from florist import privacy
 from florist.config import ConfigError, RunConfig
 from florist.flower import protocol
 from florist.flower.app_config import FlowerOptions, run_config_from_flower
@@ -65,7 +64,7 @@ def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
     if not cfg.evaluate:
         return None
     from florist import data
-    from florist.federation import Evaluator
+    from florist.evaluation.evaluator import Evaluator
     from florist.flower.client_app import _load_model
     from florist.lora import LoraHost
 
@@ -77,23 +76,6 @@ def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
     for note in evaluator.notes:
         log(INFO, "florist: %s", note)
     return host, lambda adapter: evaluator(host, tokenizer, adapter)
-
-
-def write_adapter_dir(cfg: RunConfig, out: Path, final: Any, per_client: dict[str, Any] | None) -> None:
-    """``<out>/adapter/`` (and ``adapter/clients/<id>/`` for FlexLoRA), the layout of ``florist run``."""
-    from florist.adapters import write_peft_adapter
-    from florist.io import atomic_directory
-
-    target = list(cfg.lora_target_modules)
-    with atomic_directory(out / "adapter") as tmp:
-        write_peft_adapter(tmp, final, base_model_name_or_path=cfg.global_model, target_modules=target)
-        for cid, adapter in (per_client or {}).items():
-            write_peft_adapter(
-                tmp / "clients" / cid,
-                adapter,
-                base_model_name_or_path=cfg.global_model,
-                target_modules=target,
-            )
 
 
 def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
@@ -108,8 +90,6 @@ def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dic
 
 def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
     from florist.checkpoint import load_checkpoint
-    from florist.federation import run_totals
-    from florist.io import atomic_write_json
 
     if cfg.save_merged:
         raise ConfigError(
@@ -157,7 +137,6 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
     strategy.absorb_final_replies(final_replies)
 
     metrics = strategy.metrics
-    final = strategy.final_adapter()
     if evaluation is not None:
         host, evaluate = evaluation
         for adapter in strategy.server.merged[len(resumed.merged) if resumed else 0 :]:
@@ -165,23 +144,16 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         metrics["eval_after"] = evaluate(strategy.server.active_adapter())
     else:
         metrics["eval_after"] = {}
-    metrics.update(run_totals(metrics["rounds"], final))
-    metrics["privacy"] = privacy.privacy_report(cfg, metrics["rounds"])
-    metrics["wire_total"] = {
+    wire_total = {
         key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
         for key in ("params_up", "bytes_up", "params_down", "bytes_down")
     }
-    metrics["flower"] = {
-        "nodes": {
-            n.client_id: {"node_id": n.node_id, "partition_id": n.partition_id, "rank": n.rank}
-            for n in strategy.sorted_nodes()
-        },
-        "failures": strategy.failures,
-        "round_timeout": options.round_timeout,
+    nodes = {
+        n.client_id: {"node_id": n.node_id, "partition_id": n.partition_id, "rank": n.rank}
+        for n in strategy.sorted_nodes()
     }
-    metrics["seconds"] = time.perf_counter() - started
-    write_adapter_dir(cfg, out, final, strategy.server.per_client)
-    atomic_write_json(out / "metrics.json", metrics)
+    flower = {"nodes": nodes, "failures": strategy.failures, "round_timeout": options.round_timeout}
+    strategy.recorder.finish(strategy.server, started, extra={"wire_total": wire_total, "flower": flower})
     log(INFO, "florist: wrote %s (adapter/, metrics.json)", out)
     return metrics
 

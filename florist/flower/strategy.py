@@ -10,13 +10,12 @@ differ for federated LoRA:
   the node has not merged yet (normally just last round's; after a lost or new SuperNode state,
   all of them, so its base is rebuilt exactly).
 * ``aggregate_train`` decodes and validates each reply (untrusted), keys it by the node it came
-  from (``message.metadata.src_node_id``), orders clients by partition like ``florist run``, calls
-  ``florist.aggregation.get_aggregator(cfg.method)``, accounts the communication with
-  ``florist.comm.round_communication``, and writes the per-round checkpoint.
+  from (``message.metadata.src_node_id``), orders clients by partition like ``florist run``, and
+  closes the round with the round engine (``florist.rounds.close_round``: screening, aggregation,
+  central DP, communication, broadcast), then records it and writes the per-round checkpoint.
 
-The round semantics are those of ``florist.federation`` (whose ``ServerState`` this reuses), so
-with the same seeds, data and ranks a Flower run produces the same global adapter as the
-in-process one. Besides florist's accounting, every round also records the bytes that really went
+The round is the engine's, as in ``florist run``, so with the same seeds, data and ranks a Flower
+run produces the same global adapter as the in-process one. Besides florist's accounting, every round also records the bytes that really went
 through Flower's messages (``wire``): the array payloads of the replies (up) and of the messages
 that delivered the round's broadcast (down, sent with the next round or the final broadcast).
 """
@@ -30,18 +29,29 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from florist import privacy
-from florist.aggregation import Adapter, ClientUpdate, GlobalResult, LoraFactors, get_aggregator
+from florist.aggregation import Adapter, ClientUpdate, GlobalResult
 from florist.config import RunConfig
 from florist.errors import FloristError
 from florist.flower import protocol
 from florist.flower.payload import PayloadError, adapter_to_record, record_nbytes, record_to_adapter
+from florist.rounds import (
+    Method,
+    RoundOutcome,
+    RoundRecorder,
+    ServerState,
+    build_aggregator,
+    close_round,
+    mean_losses,
+    method_options,
+    new_metrics,
+    sample_clients,
+)
 
 
 class FlowerRunError(FloristError):
@@ -65,8 +75,6 @@ class FloristStrategy(FedAvg):
     """FedAvg's loop with florist's per-node payloads and LoRA aggregation (any method)."""
 
     def __init__(self, cfg: RunConfig, *, output_dir: str | Path | None = None, resumed: Any = None) -> None:
-        from florist.federation import ServerState
-
         super().__init__(
             fraction_train=cfg.client_selection_frac,
             fraction_evaluate=0.0,  # evaluation is centralised (florist's Evaluator), not federated
@@ -76,25 +84,15 @@ class FloristStrategy(FedAvg):
         )
         self.cfg = cfg
         self.output_dir = Path(output_dir or cfg.output_dir)
-        options = {"threshold": cfg.threshold} if cfg.method == "florist" else {}
-        self.aggregator = get_aggregator(cfg.method, dtype=getattr(torch, cfg.aggregation_dtype), **options)
-        self.wire_dtype = getattr(torch, cfg.wire_dtype)
+        self.aggregator = build_aggregator(cfg)
         self.nodes: dict[int, NodeInfo] = {}
-        self.module_shapes: dict[str, tuple[int, int]] | None = None
-        self.frozen_A: dict[str, torch.Tensor] | None = None
+        self._method: Method | None = None  # once the nodes' module shapes are known
         self.server = ServerState()
         self.last_result: GlobalResult | None = None
         self.round_offset = 0
         self.failures: list[dict[str, Any]] = []
-        self.metrics: dict[str, Any] = {
-            "config": cfg.to_dict(),
-            "method": cfg.method,
-            "threshold": cfg.threshold if cfg.method == "florist" else None,
-            "client_init": cfg.resolved_client_init(),
-            "model": cfg.global_model,
-            "rounds": [],
-        }
-        self._sent: dict[int, dict[str, Any]] = {}  # node id -> what this round sent it
+        self.metrics: dict[str, Any] = new_metrics(cfg)
+        self.sent: dict[int, dict[str, Any]] = {}  # node id -> what this round sent it
         self.reply_scalings: dict[str, dict[str, Any]] = {}  # secure aggregation: scalings only
         if resumed is not None:
             # A resumed run: nodes start with empty state, so the merged updates are resent.
@@ -102,6 +100,26 @@ class FloristStrategy(FedAvg):
             self.metrics = resumed.metrics
             self.metrics["config"] = cfg.to_dict()
             self.round_offset = resumed.completed_round
+        self.recorder = RoundRecorder(
+            cfg,
+            self.output_dir,
+            self.metrics,
+            log=lambda line: log(INFO, "florist: %s", line),
+            client_state=False,
+        )
+
+    @property
+    def method(self) -> Method:
+        """The round engine's view of the method, once a node has told the module shapes."""
+        if self._method is None:
+            raise FlowerRunError("no node has reported its model's module shapes yet")
+        return self._method
+
+    def learn_shapes(self, shapes: dict[str, tuple[int, int]], sender: str) -> None:
+        if self._method is None:
+            self._method = Method(self.cfg, shapes, r_max=self.ffa_rank(), aggregator=self.aggregator)
+        elif shapes != self._method.shapes:
+            raise PayloadError(f"{sender}: its model's module shapes differ from the other nodes'")
 
     # --- nodes ------------------------------------------------------------------------------
 
@@ -188,27 +206,20 @@ class FloristStrategy(FedAvg):
 
     def _count_wire(self, round_number: int, client: str, direction: str, arrays: ArrayRecord) -> None:
         index = round_number - 1
-        if not 0 <= index < len(self.metrics["rounds"]):
-            return
-        wire = self.metrics["rounds"][index].setdefault("wire", {"clients": {}, "total": _counter()})
-        params, nbytes = record_nbytes([arrays])
-        for counter in (wire["clients"].setdefault(client, _counter()), wire["total"]):
-            counter[f"params_{direction}"] += params
-            counter[f"bytes_{direction}"] += nbytes
+        if 0 <= index < len(self.metrics["rounds"]):
+            _add_wire(self.metrics["rounds"][index], client, direction, arrays)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per selected node, each with exactly what that node needs."""
-        from florist.federation import sample_clients
-
         rnd = server_round + self.round_offset
         connected = set(grid.get_node_ids())
         selected = set(sample_clients(self.cfg, rnd))
         nodes = [n for n in self.sorted_nodes() if n.partition_id in selected and n.node_id in connected]
         upload = list(self.aggregator.sent_factors(rnd))
         messages = []
-        self._sent = {}
+        self.sent = {}
         for node in nodes:
             node_config = ConfigRecord(
                 {"round": rnd, "upload-factors": upload, "own-round": self._last_trained(node.client_id)}
@@ -221,7 +232,7 @@ class FloristStrategy(FedAvg):
             messages.append(message)
             # The grid gives the message its id when it sends it; a SuperLink error reply (node
             # down) comes from the SuperLink itself and names only that id.
-            self._sent[node.node_id] = {"round": rnd, "message": message}
+            self.sent[node.node_id] = {"round": rnd, "message": message}
         log(INFO, "florist: round %d: training %s", rnd, [n.client_id for n in nodes])
         self._round_started = time.perf_counter()
         return messages
@@ -229,24 +240,6 @@ class FloristStrategy(FedAvg):
     def _last_trained(self, client: str) -> int:
         """The last round in which ``client``'s update was aggregated (0: never)."""
         return max((r["round"] for r in self.metrics["rounds"] if client in r["clients"]), default=0)
-
-    def _held(self, node: NodeInfo) -> Adapter:
-        """The factors a node did not send, as the server knows them: what it started the round
-        from (RoLoRA's shared frozen factor); local factors (FedSA-LoRA's B) never reach the server,
-        so they are zeros here and the global view cannot be formed on Flower."""
-        from florist.federation import truncate_adapter, with_local_factors
-
-        assert self.module_shapes is not None
-        start = self.server.continuation(node.client_id)
-        if start is None:
-            start = self.aggregator.initial_adapter(self.module_shapes, node.rank, self.cfg.seed)
-        if start is None:
-            start = {
-                n: LoraFactors(A=torch.zeros(node.rank, i), B=torch.zeros(o, node.rank))
-                for n, (o, i) in self.module_shapes.items()
-            }
-        start = truncate_adapter(start, min(node.rank, min(f.rank for f in start.values())))
-        return with_local_factors(start, None, self.aggregator.local_factors)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -290,9 +283,9 @@ class FloristStrategy(FedAvg):
         """The node a reply is about: its sender, or for the SuperLink's error reply about a node
         that went down, the node the original message was sent to."""
         sender, about = reply.metadata.src_node_id, reply.metadata.reply_to_message_id
-        if sender in self._sent or not about:
+        if sender in self.sent or not about:
             return sender
-        for node_id, sent in self._sent.items():
+        for node_id, sent in self.sent.items():
             if sent["message"].metadata.message_id == about:
                 return node_id
         return sender
@@ -300,7 +293,7 @@ class FloristStrategy(FedAvg):
     def _decode_reply(self, reply: Message, rnd: int) -> ClientUpdate:
         node_id = reply.metadata.src_node_id
         node = self.nodes.get(node_id)
-        if node is None or node_id not in self._sent:
+        if node is None or node_id not in self.sent:
             raise PayloadError(f"reply from node {node_id}, which was not asked to train in round {rnd}")
         content = reply.content
         metrics, stats = content[protocol.METRICS], content[protocol.STATS]
@@ -312,45 +305,70 @@ class FloristStrategy(FedAvg):
         n = metrics["num-examples"]
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise PayloadError(f"{sender}: num-examples must be a positive integer, got {n!r}")
-        shapes = {name: (int(v[0]), int(v[1])) for name, v in content[protocol.SHAPES].items()}
-        if self.module_shapes is None:
-            self.module_shapes = shapes
-        elif shapes != self.module_shapes:
-            raise PayloadError(f"{sender}: its model's module shapes differ from the other nodes'")
+        self.learn_shapes(
+            {name: (int(v[0]), int(v[1])) for name, v in content[protocol.SHAPES].items()}, sender
+        )
         if self.cfg.secure_aggregation:  # the upload stays on the node until SecAgg+ masks it
             self.reply_scalings[node.client_id] = dict(content[protocol.UPDATE_SCALING])
             node.merged_rounds = int(stats["merged-rounds"])
             return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules={})
-        factors = self.aggregator.sent_factors(rnd)
-        if self.aggregator.frozen_A and self.frozen_A is None:
-            from florist.training import ffa_frozen_A
-
-            self.frozen_A = ffa_frozen_A(self.cfg.seed, self.module_shapes, self.ffa_rank())
-        modules = record_to_adapter(
-            content[protocol.UPDATE],
-            content[protocol.UPDATE_SCALING],
-            factors=factors,
-            frozen_A=self.frozen_A if self.aggregator.frozen_A else None,
-            expected_shapes=self.module_shapes,
-            sender=sender,
-            fill=self._held(node) if factors != ("A", "B") else None,
+        modules = self.decode_upload(
+            content[protocol.UPDATE], content[protocol.UPDATE_SCALING], node, rnd, sender
         )
         node.merged_rounds = int(stats["merged-rounds"])
         return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules=modules)
+
+    def decode_upload(
+        self, arrays: ArrayRecord, scalings: ConfigRecord, node: NodeInfo, rnd: int, sender: str
+    ) -> Adapter:
+        """An upload of round ``rnd``'s factors, with what the node did not send filled in as the
+        server knows it (FFA's frozen A, RoLoRA's shared start; ``Method.known_start``)."""
+        factors = self.aggregator.sent_factors(rnd)
+        method = self.method
+        return record_to_adapter(
+            arrays,
+            scalings,
+            factors=factors,
+            frozen_A=method.frozen_A,
+            expected_shapes=method.shapes,
+            sender=sender,
+            fill=method.known_start(self.server, node.client_id, node.rank)
+            if factors != ("A", "B")
+            else None,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         ordered, stats, uploads = self.collect(rnd, replies)
-        t0 = time.perf_counter()
-        if privacy.dp_enabled(self.cfg) and self.cfg.dp_mode == "central":  # the nodes clipped
-            result = self.aggregator.aggregate(privacy.uniform_weights(ordered))
-            result = privacy.noised_mean(result, self.aggregator, self.cfg, rnd, len(ordered))
-        else:
-            result = self.aggregator.aggregate(ordered)
-        result = self.aggregator.for_round(result, rnd)
-        return self.finish_round(rnd, ordered, stats, uploads, result, time.perf_counter() - t0)
+        outcome = self.close(rnd, ordered, stats)
+        return self.finish_round(outcome, uploads)
+
+    def close(
+        self,
+        rnd: int,
+        updates: list[ClientUpdate],
+        stats: dict[str, dict[str, Any]],
+        combine: Any = None,
+    ) -> RoundOutcome:
+        """The round engine's close; under central DP the nodes clipped, the server noises."""
+        outcome = close_round(
+            self.method,
+            self.server,
+            rnd,
+            updates,
+            stats,
+            expected_ranks={n.client_id: n.rank for n in self.nodes.values()},
+            history=self.metrics["rounds"],
+            central=privacy.CentralDP.of(self.cfg, server_clips=False),
+            combine=combine,
+            started=self._round_started,
+        )
+        for rejection in outcome.rejected:
+            node_id = next(n.node_id for n in self.nodes.values() if n.client_id == rejection.client_id)
+            self._failure(rnd, node_id, f"rejected update: {rejection.reason}")
+        return outcome
 
     def collect(
         self, rnd: int, replies: Iterable[Message]
@@ -376,23 +394,14 @@ class FloristStrategy(FedAvg):
                 continue
             node = self.nodes[node_id]
             updates[node.partition_id] = update
-            m, s = reply.content[protocol.METRICS], reply.content[protocol.STATS]
-            stats[node.client_id] = {
-                "rank": int(m["rank"]),
-                "num_examples": int(m["num-examples"]),
-                "losses": [float(x) for x in s["losses"]],
-                "steps": int(m["steps"]),
-                "tokens": int(m["tokens"]),
-                "seconds": float(m["seconds"]),
-                "node_id": int(node_id),
-            }
+            stats[node.client_id] = _reply_stats(reply) | {"node_id": int(node_id)}
             if protocol.UPDATE in reply.content.array_records:  # not under secure aggregation
                 uploads[node.client_id] = reply.content[protocol.UPDATE]
         missing = sorted(
-            self.nodes[n].client_id for n in self._sent if self.nodes[n].partition_id not in updates
+            self.nodes[n].client_id for n in self.sent if self.nodes[n].partition_id not in updates
         )
         answered = {self._replier(reply) for reply in replies}
-        for node_id in self._sent:
+        for node_id in self.sent:
             if node_id not in answered:
                 self._failure(rnd, node_id, "no reply within the round timeout (node down or too slow)")
         if missing:
@@ -402,7 +411,7 @@ class FloristStrategy(FedAvg):
                 f"{f['client'] or f['node_id']}: {f['reason']}" for f in self.failures if f["round"] == rnd
             )
             raise FlowerRunError(
-                f"round {rnd}: only {len(updates)} of {len(self._sent)} clients returned a usable update "
+                f"round {rnd}: only {len(updates)} of {len(self.sent)} clients returned a usable update "
                 f"(min-clients={self.cfg.min_clients}; missing {missing}{'; ' + reasons if reasons else ''}). "
                 f"The checkpoint of round {rnd - 1} in {self.output_dir} is intact: fix the nodes and rerun with resume=true."
             )
@@ -410,74 +419,29 @@ class FloristStrategy(FedAvg):
         return ordered, stats, uploads
 
     def finish_round(
-        self,
-        rnd: int,
-        ordered: list[ClientUpdate],
-        stats: dict[str, dict[str, Any]],
-        uploads: dict[str, ArrayRecord],
-        result: GlobalResult,
-        aggregation_seconds: float,
+        self, outcome: RoundOutcome, uploads: dict[str, ArrayRecord]
     ) -> tuple[None, MetricRecord]:
-        """Broadcast the round's ``result`` and record it: metrics, wire bytes, checkpoint."""
-        from florist.checkpoint import CheckpointState, save_checkpoint
-        from florist.comm import round_communication
-        from florist.federation import round_entry
-
-        communication = round_communication(result, ordered, wire_dtype=self.wire_dtype)
-        self.server.broadcast(result)
-        self.last_result = result
-        entry = round_entry(
-            rnd,
-            {u.client_id: stats[u.client_id] for u in ordered},
-            result,
-            communication,
-            aggregation_seconds=aggregation_seconds,
-            seconds=time.perf_counter() - self._round_started,
-        ) | {"wire": {"clients": {}, "total": _counter()}}
-        if privacy.dp_enabled(self.cfg):  # local DP: the nodes noised their uploads
-            entry["privacy"] = privacy.round_privacy(self.cfg, [*self.metrics["rounds"], entry])
-        eff = entry["eff"]
-        self.metrics["rounds"].append(entry)
+        """Record the closed round: the bytes that crossed the wire up, metrics, checkpoint."""
+        self.last_result = outcome.result
+        entry = outcome.entry | {"wire": {"clients": {}, "total": _counter()}}
         for client, arrays in uploads.items():
             if client in entry["client_stats"]:
-                self._count_wire(rnd, client, "up", arrays)
-        save_checkpoint(
-            self.output_dir,
-            CheckpointState(
-                rnd,
-                self.metrics,
-                self.cfg.to_dict(),
-                self.server.merged,
-                self.server.global_adapter,
-                self.server.per_client,
-            ),
-        )
-        losses = [s["losses"] for s in entry["client_stats"].values() if s["losses"]]
+                _add_wire(entry, client, "up", arrays)
+        self.recorder.record(entry, self.server)
+        first, last = mean_losses(entry)
         summary = MetricRecord(
             {
-                "loss-first": sum(x[0] for x in losses) / max(len(losses), 1),
-                "loss-last": sum(x[-1] for x in losses) / max(len(losses), 1),
-                "global-rank": int(sum(result.ranks.values())),
-                "eff": eff,
-                "clients": len(ordered),
+                "loss-first": first,
+                "loss-last": last,
+                "global-rank": int(sum(outcome.result.ranks.values())),
+                "eff": entry["eff"],
+                "clients": len(outcome.updates),
             }
-        )
-        log(
-            INFO,
-            "florist: round %d aggregated %d clients, global rank %d",
-            rnd,
-            len(ordered),
-            summary["global-rank"],
         )
         return None, summary
 
     def summary(self) -> None:
-        log(
-            INFO,
-            "\t├──> florist method: %s%s",
-            self.cfg.method,
-            f" (tau {self.cfg.threshold})" if self.cfg.method == "florist" else "",
-        )
+        log(INFO, "\t├──> florist method: %s", self.aggregator.describe(method_options(self.cfg)))
         log(
             INFO,
             "\t└──> min clients per round: %d, selection fraction %.2f",
@@ -485,5 +449,24 @@ class FloristStrategy(FedAvg):
             self.cfg.client_selection_frac,
         )
 
-    def final_adapter(self) -> Adapter:
-        return self.server.final_adapter()
+
+def _add_wire(entry: dict[str, Any], client: str, direction: str, arrays: ArrayRecord) -> None:
+    """Count ``arrays`` into a round record's ``wire`` section, for ``client`` and in total."""
+    wire = entry.setdefault("wire", {"clients": {}, "total": _counter()})
+    params, nbytes = record_nbytes([arrays])
+    for counter in (wire["clients"].setdefault(client, _counter()), wire["total"]):
+        counter[f"params_{direction}"] += params
+        counter[f"bytes_{direction}"] += nbytes
+
+
+def _reply_stats(reply: Message) -> dict[str, Any]:
+    """A client's line of the round record, as its node reported it."""
+    m, s = reply.content[protocol.METRICS], reply.content[protocol.STATS]
+    return {
+        "rank": int(m["rank"]),
+        "num_examples": int(m["num-examples"]),
+        "losses": [float(x) for x in s["losses"]],
+        "steps": int(m["steps"]),
+        "tokens": int(m["tokens"]),
+        "seconds": float(m["seconds"]),
+    }
