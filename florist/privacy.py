@@ -64,6 +64,7 @@ import torch
 from florist.aggregation.base import Adapter, ClientUpdate, Factor, GlobalResult, LoraFactors
 
 DP_MODES = ("local", "central")
+FLOAT32_DP_LIMIT = 1e30  # C and z·C: float32 ends at 3.4e38, and adapters and the wire are float32
 ACCOUNTANT = "dp-accounting RDP, add-or-remove-one client, no amplification by sampling"
 # Clip a hair below C so that float rounding (of the norm, of start + update) never takes the
 # clipped norm above it.
@@ -356,6 +357,18 @@ def check_config(cfg: Any) -> str | None:
         return None
     if cfg.dp_noise_multiplier <= 0:
         return "--dp_clip_norm needs --dp_noise_multiplier z > 0 (without noise, epsilon is infinite)"
+    # Uploads travel and are written in float32: a clipped update of norm C plus noise of std z·C
+    # (a few std in the tails) must stay far inside its range, or the round is garbage.
+    for flag, value in (
+        ("--dp_clip_norm", cfg.dp_clip_norm),
+        ("--dp_noise_multiplier", cfg.dp_noise_multiplier * cfg.dp_clip_norm),
+    ):
+        if value > FLOAT32_DP_LIMIT:
+            what = "C" if flag == "--dp_clip_norm" else "the noise std z·C"
+            return (
+                f"{flag} {getattr(cfg, flag[2:])!r} is too large: {what} = {value:.3g} is beyond what float32 "
+                f"uploads can carry (at most {FLOAT32_DP_LIMIT:g})"
+            )
     rounds = int(cfg.num_communication_rounds)  # no client is released more often than once a round
     if _finite_epsilon(float(cfg.dp_noise_multiplier), rounds, float(cfg.dp_delta)) is None:
         return (

@@ -434,9 +434,12 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
         md.append("")
     dp = metrics.get("privacy")
     if dp:
-        per_round = ", ".join(f"{e:.3g}" for e in dp.get("epsilon_per_round") or [])
+        def eps(e: float | None) -> str:  # null: infinite, with its reason beside it (florist.io)
+            return "∞" if e is None else f"{e:.3g}"
+
+        per_round = ", ".join(eps(e) for e in dp.get("epsilon_per_round") or [])
         md += [
-            f"Differential privacy ({dp['mode']}, florist.privacy): ε = {dp['epsilon']:.3g} at "
+            f"Differential privacy ({dp['mode']}, florist.privacy): ε = {eps(dp['epsilon'])} at "
             f"δ = {dp['delta']:g} for the run (after each round: {per_round}); clip norm C = "
             f"{dp['clip_norm']:g}, noise multiplier z = {dp['noise_multiplier']:g}.",
             "",

@@ -375,6 +375,7 @@ def close_round(
     result = aggregator.for_round(result, rnd)
     if privacy.dp_enabled(cfg):  # what is released is built from the uploads alone (FedSA: no B_k)
         result = privacy.released_view(result, factors)
+    _check_broadcast(result, rnd, cfg)  # before anything is broadcast or checkpointed
     aggregation_seconds = time.perf_counter() - t0
     communication = round_communication(result, updates, wire_dtype=getattr(torch, cfg.wire_dtype))
     server.broadcast(result)
@@ -390,6 +391,24 @@ def close_round(
         entry["privacy"] = privacy.round_privacy(cfg, [*history, entry], norms)
     entry["rejected"] = [dataclasses.asdict(r) for r in rejected]
     return RoundOutcome(result, entry, updates, rejected)
+
+
+def _check_broadcast(result: GlobalResult, rnd: int, cfg: RunConfig) -> None:
+    """Refuse a round whose result would reach the clients, the checkpoint or adapter/ with NaN or
+    Inf (as float32, the wire's dtype): the round fails and the last checkpoint stays as it was."""
+    adapters = [result.adapter, result.base_update, result.global_view, *(result.per_client or {}).values()]
+    for adapter in (a for a in adapters if a is not None):
+        for name, f in adapter.items():
+            if not all(bool(torch.isfinite(t.float()).all()) for t in (f.A, f.B * f.scaling)):
+                cause = (
+                    f"; the DP noise (--dp_clip_norm {cfg.dp_clip_norm:g}, --dp_noise_multiplier "
+                    f"{cfg.dp_noise_multiplier:g}) is beyond what float32 can carry"
+                    if privacy.dp_enabled(cfg)
+                    else ""
+                )
+                raise FloristError(
+                    f"round {rnd}: the {result.method} result of module {name!r} is not finite{cause}"
+                )
 
 
 def close_simulated(

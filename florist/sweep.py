@@ -84,6 +84,7 @@ HOMOGENEOUS_METHODS = tuple(m for m in SWEEP_METHODS if m != "zeropad")
 # Where a method declares no rule for mixed ranks it sits out the heterogeneous setting.
 HETEROGENEOUS_METHODS = tuple(m for m in SWEEP_METHODS if AGGREGATORS[m].supports_heterogeneous)
 DEFAULT_THRESHOLDS = "0.80:1.00:0.01"
+MAX_GRID = 1000  # τ values: each is one aggregation and one evaluation
 SWEEP_CLIENT_INITS = ("auto", "shared", "per_client", "both")
 DEFAULT_LOSS_TOLERANCE = 0.005  # nats: FLoRIST-E's allowance when τ is chosen on held-out loss
 ModelFactory = Callable[[], tuple[Any, Any]]
@@ -94,32 +95,39 @@ ModelFactory = Callable[[], tuple[Any, Any]]
 
 def parse_thresholds(spec: str | Sequence[float]) -> list[float]:
     """Sorted unique τ values from "0.80:1.00:0.01" (an inclusive grid), "0.8,0.9,1" or a list."""
+    values = [float(v) for v in spec] if not isinstance(spec, str) else []
     if isinstance(spec, str):
         text = spec.strip()
+        pieces = text.split(":") if ":" in text else [p for p in text.split(",") if p.strip()]
         try:
-            if ":" in text:
-                parts = [float(p) for p in text.split(":")]
-                if len(parts) != 3:
-                    raise ValueError
-                start, stop, step = parts
-                if step <= 0 or stop < start:
-                    raise ConfigError(f"thresholds {spec!r}: need start <= stop and a positive step")
-                n = int(math.floor((stop - start) / step + 1e-9))
-                values = [round(start + i * step, 10) for i in range(n + 1)]
-            else:
-                values = [float(p) for p in text.split(",") if p.strip()]
+            values = [float(p) for p in pieces]
         except ValueError:
-            raise ConfigError(
-                f"thresholds {spec!r}: expected START:STOP:STEP or a comma-separated list"
-            ) from None
-    else:
-        values = [float(v) for v in spec]
+            values = []
+        if (":" in text and len(values) != 3) or len(values) != len(pieces):
+            raise ConfigError(f"thresholds {spec!r}: expected START:STOP:STEP or a comma-separated list")
+        if ":" in text:
+            values = _grid(spec, *values)
     if not values:
         raise ConfigError("thresholds: the grid is empty")
+    if len(values) > MAX_GRID:
+        raise ConfigError(f"thresholds: {len(values)} values; at most {MAX_GRID}")
     bad = [v for v in values if not (0.0 < v <= 1.0)]
     if bad:
         raise ConfigError(f"thresholds must lie in (0, 1], got {bad}")
     return sorted(set(values))
+
+
+def _grid(spec: str, start: float, stop: float, step: float) -> list[float]:
+    if not all(math.isfinite(p) for p in (start, stop, step)):
+        raise ConfigError(f"thresholds {spec!r}: START, STOP and STEP must be finite numbers")
+    if step <= 0 or stop < start:
+        raise ConfigError(f"thresholds {spec!r}: need start <= stop and a positive step")
+    n = math.floor((stop - start) / step + 1e-9)
+    if n + 1 > MAX_GRID:  # refused before the grid is built, not after
+        raise ConfigError(
+            f"thresholds {spec!r}: a grid of {n + 1:.3g} values; at most {MAX_GRID} (use a larger STEP)"
+        )
+    return [round(start + i * step, 10) for i in range(n + 1)]
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -328,6 +336,22 @@ def training_groups(methods: Sequence[str], client_init: str = "auto") -> list[T
     ordinary = Aggregator.training_kind()
     order = sorted(groups, key=lambda key: (key[1] != ordinary, key[1][0], key[0] != "per_client"))
     return [TrainingGroup(init, bool(kind[0]), tuple(groups[(init, kind)]), kind) for init, kind in order]
+
+
+def init_overrides(methods: Sequence[str], client_init: str) -> dict[str, str]:
+    """Per method whose client init is not the one asked for (``florist run`` would refuse it):
+    which init it trains with, and why."""
+    if client_init in ("auto", "both"):
+        return {}
+    out = {}
+    for method in methods:
+        cls = AGGREGATORS[method]
+        if client_init not in cls.client_inits:
+            out[method] = (
+                f"{method} trains with {cls.client_init} inits: client_init {client_init} does not apply, "
+                "its frozen factor is shared by every client"
+            )
+    return out
 
 
 Trained = list[tuple[ClientTask, Any]]  # each sampled client's task and ClientResult
@@ -650,9 +674,12 @@ def run_sweep(
         raise ConfigError(f"select_by must be one of {', '.join(SCORE_SOURCES)}, got {select_by!r}")
     if e_tolerance is None:
         e_tolerance = DEFAULT_LOSS_TOLERANCE if select_by == "loss" else 1.0
-    if e_tolerance < 0:
-        raise ConfigError(f"--e-tolerance must be >= 0, got {e_tolerance}")
+    if not (math.isfinite(e_tolerance) and e_tolerance >= 0):
+        raise ConfigError(f"--e-tolerance must be a finite number >= 0, got {e_tolerance}")
     training_groups(methods, client_init)  # checks client_init
+    overrides = init_overrides(methods, client_init)
+    for line in overrides.values():  # said, not silently done
+        tqdm.write(f"florist sweep: {line}")
     if cfg.secure_aggregation:
         raise ConfigError(privacy.IN_PROCESS_SECAGG)
     # The common settings, under the swept method (it takes every rank setting and init), then
@@ -706,6 +733,8 @@ def run_sweep(
             )
             mode = "separate-runs"
 
+        if overrides:
+            note += " " + "; ".join(overrides.values()) + "."
         has_mmlu = any((r.get("eval") or {}).get("mmlu") for s in settings for r in s["rows"])
         source = select_by if select_by != "auto" else ("mmlu" if has_mmlu else "heldout")
         for s in settings:
@@ -721,6 +750,7 @@ def run_sweep(
             "thresholds": taus,
             "e_tolerance": e_tolerance,
             "client_init": client_init,
+            "client_init_overrides": overrides,
             "selection_rule": (
                 f"FLoRIST-O: the τ with the {'lowest' if source == 'loss' else 'highest'} {SCORE_NAMES[source]}. "
                 f"FLoRIST-E: the τ with the highest Eff whose score is within {e_tolerance} {unit} of FLoRIST-O's."
