@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def merged_model(target: str, *, base: str | None = None, device: str = "cpu") -
     from florist.cli.eval import load_target, resolve_target
 
     resolved = resolve_target(target, base)
-    model, tokenizer = load_target(resolved, device=device, dtype=torch.float32)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model, tokenizer = load_target(resolved, device=device, dtype=torch.float32)
     return model, tokenizer, resolved
 
 
