@@ -51,6 +51,12 @@ class RunConfig:
     local_num_epochs: int = 1
     local_learning_rate: float = 3e-4
     local_max_steps: int | None = None  # optimizer steps per client per round; None = epochs
+    # The peak rate of round r over the rounds (florist.rounds.round_learning_rate): constant (the
+    # paper's), or linear / cosine from local_learning_rate down to lr_min (FlowerTune: cosine).
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    # Within a round: linear decay to 0 (HF Trainer's default, the paper's code) or constant (FlowerTune)
+    local_lr_scheduler: str = "linear"
     cutoff_len: int = 512
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF  # batch widths; 1 pads to the longest example only
     train_on_inputs: bool = True
@@ -79,6 +85,7 @@ class RunConfig:
     test_data_path: str | None = None  # held-out instruction data; None = data_path/K/global_test.json
     eval_scorer: str = "loglik"  # loglik | generate
     evaluate: bool = True
+    eval_every: int = 0  # also evaluate after every N-th round (and the last); 0: before and after only
     # client-level differential privacy and secure aggregation (florist.privacy, docs/methods.md)
     dp_clip_norm: float = 0.0  # C, the L2 bound of each upload's factor update; 0: no DP
     dp_noise_multiplier: float = 0.0  # z: noise std z*C per upload (local) or z*C/m on the mean (central)
@@ -88,6 +95,7 @@ class RunConfig:
     # outputs
     resume: bool = False
     save_merged: bool = False
+    save_every: int = 0  # also write the global adapter after every N-th round to rounds/round_<r>/
 
     def client_rank(self, client_index: int) -> int:
         if not self.heter:
@@ -124,6 +132,11 @@ class RunConfig:
                     f"{self.method} needs client_init {' or '.join(allowed)}: its frozen factor is shared by "
                     f"every client (FFA-LoRA's A, RoLoRA's), so client_init {self.client_init} does not apply"
                 )
+        if self.lr_schedule != "constant" and not self.lr_min <= self.local_learning_rate:
+            raise ConfigError(
+                f"lr_min ({self.lr_min}) must not exceed local_learning_rate ({self.local_learning_rate}): "
+                f"the {self.lr_schedule} schedule anneals from the one down to the other"
+            )
         if self.local_batch_size % self.local_micro_batch_size:
             raise ConfigError(
                 f"local_batch_size ({self.local_batch_size}) must be a multiple of "
@@ -189,6 +202,11 @@ RUN_RANGES: dict[str, dict[str, Any]] = {
     "local_num_epochs": {"low": 1},
     "local_learning_rate": {"low": 0.0},
     "local_max_steps": {"low": 1},
+    "lr_schedule": {"choices": ("constant", "linear", "cosine")},
+    "lr_min": {"low": 0.0},
+    "local_lr_scheduler": {"choices": ("linear", "constant")},
+    "eval_every": {"low": 0},
+    "save_every": {"low": 0},
     "cutoff_len": {"low": 1},
     "pad_to_multiple_of": {"low": 1},
     "lora_r": {"low": 1},

@@ -46,6 +46,7 @@ from florist.rounds import (
     RoundRecorder,
     ServerState,
     close_simulated,
+    evaluation_due,
     fresh_lora,
     new_metrics,
     run_client,
@@ -62,6 +63,8 @@ RESUMABLE_CHANGES = {
     "dev_data_path",
     "test_data_path",
     "save_merged",
+    "eval_every",
+    "save_every",
     "device",
 }
 
@@ -120,8 +123,12 @@ class ClientSetup:
 def _check_resumable(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
     """Refuse to resume when a setting that shapes the rounds differs from the checkpointed run."""
     current = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples become lists
+    # An annealed rate depends on the number of rounds: a longer run anneals differently throughout.
+    annealed = saved.get("lr_schedule", "constant") != "constant"
     for key, value in saved.items():
-        if key in RESUMABLE_CHANGES or key not in current:
+        if (
+            key in RESUMABLE_CHANGES and not (annealed and key == "num_communication_rounds")
+        ) or key not in current:
             continue
         if current[key] != value:
             raise ConfigError(
@@ -169,11 +176,16 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         outcome = _round(setup, method, server, rnd, metrics["rounds"])
         if outcome.result.folded is not None:
             setup.host.merge_into_base(server.merged[-1])
+        if evaluation_due(cfg, rnd):  # folded updates already live in the base
+            outcome.entry["eval"] = evaluate(setup.host, setup.tokenizer, server.active_adapter())
         recorder.record(outcome.entry, server)
 
     host, tokenizer = setup.host, setup.tokenizer
-    # folded updates already live in the base
-    metrics["eval_after"] = evaluate(host, tokenizer, server.active_adapter()) if cfg.evaluate else {}
+    last = metrics["rounds"][-1] if metrics["rounds"] else {}
+    if "eval" in last and last["round"] == rounds:  # the last round's evaluation is the final one
+        metrics["eval_after"] = last["eval"]
+    else:
+        metrics["eval_after"] = evaluate(host, tokenizer, server.active_adapter()) if cfg.evaluate else {}
     local = method.aggregator.local_factors
     if cfg.evaluate and local and evaluate.heldout:  # personalised clients
         from florist.personalised import evaluate_run

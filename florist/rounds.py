@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,29 @@ def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
     digest = hashlib.sha256(f"florist-sampling:{cfg.seed}:{round_number}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     return sorted(torch.randperm(k, generator=generator)[:n].tolist())
+
+
+def round_learning_rate(cfg: RunConfig, rnd: int) -> float:
+    """The peak learning rate of round ``rnd`` (1-based) of ``cfg.num_communication_rounds``:
+    constant (the paper's one round), or annealed from ``local_learning_rate`` to ``lr_min``
+    linearly or by a cosine of t = rnd / R, as FlowerTune's ``cosine_annealing`` (the last round
+    trains at ``lr_min``). Within a round the rate then follows ``local_lr_scheduler``."""
+    lr, low, t = cfg.local_learning_rate, cfg.lr_min, rnd / cfg.num_communication_rounds
+    if cfg.lr_schedule == "linear":
+        return low + (lr - low) * (1.0 - t)
+    if cfg.lr_schedule == "cosine":
+        return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * t))
+    return lr
+
+
+def due(every: int, rnd: int, cfg: RunConfig) -> bool:
+    """Whether something done every ``every`` rounds (and after the last) is due after ``rnd``."""
+    return bool(every and (rnd % every == 0 or rnd == cfg.num_communication_rounds))
+
+
+def evaluation_due(cfg: RunConfig, rnd: int) -> bool:
+    """Whether the global model is evaluated after round ``rnd`` (``eval_every``)."""
+    return cfg.evaluate and due(cfg.eval_every, rnd, cfg)
 
 
 # --- what the server remembers ---------------------------------------------------------------
@@ -146,6 +170,7 @@ class ClientTask:
     frozen_A: dict[str, torch.Tensor] | None  # FFA-LoRA: the shared frozen A's first r_k rows
     freeze: tuple[str, ...]  # factors kept frozen this round (RoLoRA's other factor)
     upload: tuple[str, ...]  # factors that leave the client this round
+    learning_rate: float  # this round's peak rate (round_learning_rate)
 
     @property
     def client_id(self) -> str:
@@ -205,6 +230,7 @@ class Method:
             # RoLoRA's untrained factor; FFA's frozen A is installed as ``frozen_A`` instead
             freeze=() if frozen is not None else tuple(f for f in "AB" if f not in agg.trained_factors(rnd)),
             upload=agg.sent_factors(rnd),
+            learning_rate=round_learning_rate(self.cfg, rnd),
         )
 
     def plan(self, rnd: int) -> list[ClientTask]:
@@ -282,6 +308,7 @@ def run_client(
         shared_init_rank=task.init_rank,
         keep_start=keep_start,
         freeze=task.freeze,
+        learning_rate=task.learning_rate,
     )
 
 
@@ -387,6 +414,8 @@ def close_round(
         aggregation_seconds=aggregation_seconds,
         seconds=time.perf_counter() - (started if started is not None else t0),
     )
+    entry["learning_rate"] = round_learning_rate(cfg, rnd)
+    entry["cumulative"] = cumulative_bytes(history, communication, cfg.num_clients)
     if privacy.dp_enabled(cfg):
         entry["privacy"] = privacy.round_privacy(cfg, [*history, entry], norms)
     entry["rejected"] = [dataclasses.asdict(r) for r in rejected]
@@ -472,6 +501,24 @@ def round_entry(
     }
 
 
+def cumulative_bytes(
+    history: Sequence[dict[str, Any]], communication: dict[str, Any], num_clients: int
+) -> dict[str, Any]:
+    """Bytes up and down per client over the rounds so far (this one included), and their mean over
+    the federation's ``num_clients`` (a client not sampled in a round sends and receives nothing)."""
+    previous = (history[-1].get("cumulative") if history else None) or {"clients": {}}
+    clients = {cid: dict(c) for cid, c in previous["clients"].items()}
+    for cid, c in communication["clients"].items():
+        total = clients.setdefault(cid, {"bytes_up": 0, "bytes_down": 0})
+        total["bytes_up"] += c["bytes_up"]
+        total["bytes_down"] += c["bytes_down"]
+    mean = {
+        f"bytes_{d}_per_client": sum(c[f"bytes_{d}"] for c in clients.values()) / num_clients
+        for d in ("up", "down")
+    }
+    return {"clients": clients, **mean}
+
+
 def run_totals(rounds: list[dict[str, Any]], final: Adapter) -> dict[str, Any]:
     """The whole run's communication, Eff and global adapter ranks, from its rounds."""
     eff_per_round = [r["eff"] for r in rounds]
@@ -531,7 +578,29 @@ class RoundRecorder:
             server.client_state if self.client_state else {},
         )
         save_checkpoint(self.out, state)
+        if due(self.cfg.save_every, entry["round"], self.cfg):  # e.g. for generate or eval later
+            self.write_adapter(self.out / "rounds" / f"round_{entry['round']:04d}", server)
         self.log(self.line(entry))
+
+    def write_adapter(self, where: Path, server: ServerState) -> Adapter:
+        """The global model as a PEFT directory (``ServerState.final_adapter``), and each client's
+        own under clients/<id>/ where clients received different adapters."""
+        from florist.adapters import write_peft_adapter
+        from florist.io import atomic_directory
+
+        final, cfg = server.final_adapter(), self.cfg
+        with atomic_directory(where) as tmp:
+            for path, adapter in [
+                (tmp, final),
+                *((tmp / "clients" / c, a) for c, a in (server.per_client or {}).items()),
+            ]:
+                write_peft_adapter(
+                    path,
+                    adapter,
+                    base_model_name_or_path=cfg.global_model,
+                    target_modules=list(cfg.lora_target_modules),
+                )
+        return final
 
     def line(self, entry: dict[str, Any]) -> str:
         first, last = mean_losses(entry)
@@ -548,23 +617,14 @@ class RoundRecorder:
     ) -> dict[str, Any]:  # fmt: skip
         """The run's totals and privacy report, then adapter/ (and adapter/clients/<id>/ where
         clients received different adapters), ``also`` (more outputs) and metrics.json."""
-        from florist.adapters import write_peft_adapter
-        from florist.io import atomic_directory, atomic_write_json
+        from florist.io import atomic_write_json
 
-        final, cfg = server.final_adapter(), self.cfg
+        cfg = self.cfg
+        final = self.write_adapter(self.out / "adapter", server)
         self.metrics.update(run_totals(self.metrics["rounds"], final))
         self.metrics["privacy"] = privacy.privacy_report(cfg, self.metrics["rounds"])
         self.metrics.update(extra or {})
         self.metrics["seconds"] = time.perf_counter() - started
-        target = list(cfg.lora_target_modules)
-        with atomic_directory(self.out / "adapter") as tmp:
-            for where, adapter in [
-                (tmp, final),
-                *((tmp / "clients" / c, a) for c, a in (server.per_client or {}).items()),
-            ]:
-                write_peft_adapter(
-                    where, adapter, base_model_name_or_path=cfg.global_model, target_modules=target
-                )
         if also is not None:
             also(final)
         atomic_write_json(self.out / "metrics.json", self.metrics)

@@ -135,6 +135,7 @@ class TrainConfig:
             epochs=cfg.local_num_epochs,
             learning_rate=cfg.local_learning_rate,
             max_steps=cfg.local_max_steps,
+            lr_scheduler=cfg.local_lr_scheduler,
             group_by_length=cfg.group_by_length,
             precision=cfg.precision,
             cutoff_len=cfg.cutoff_len,
@@ -291,6 +292,7 @@ class LocalTrainer:
         shared_init_rank: int | None = None,
         keep_start: bool = False,
         freeze: tuple[str, ...] = (),
+        learning_rate: float | None = None,
     ) -> ClientResult:
         """Install the client's LoRA (fresh, from ``init``, or FFA's ``frozen_A``), train it, return it.
 
@@ -315,7 +317,8 @@ class LocalTrainer:
         installed = self.host.extract() if keep_start else None
         generator = client_generator(seed, round_index, client_index)
         try:
-            result = self._train_installed(client_id, examples, lengths, generator, start)
+            lr = self.cfg.learning_rate if learning_rate is None else learning_rate
+            result = self._train_installed(client_id, examples, lengths, generator, start, lr)
             result.start = installed
             return result
         finally:
@@ -329,12 +332,11 @@ class LocalTrainer:
         lengths: list[int],
         generator: torch.Generator,
         start: float,
+        learning_rate: float,
     ) -> ClientResult:
         cfg, model = self.cfg, self.host.model
         params = self.host.trainable_parameters()
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
-        )
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         total = self.total_steps(len(examples))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
         # peft's dropout draws from the global RNG: seed it from the client's stream, and keep

@@ -116,3 +116,14 @@ def tiny_run_config(data: Path, out: Path, **overrides: object) -> RunConfig:
     )
     values.update(overrides)
     return RunConfig(**values)
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower messages built outside a Flower process need a run/node/task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -25,8 +25,8 @@ import florist.training
 from florist.aggregation import Adapter
 from florist.config import RunConfig
 from florist.federation import run_federated
-from florist.rounds import sample_clients
 from florist.models import tiny_llama
+from florist.rounds import sample_clients
 
 RANKS = [4, 2, 1]
 CASES = [("fedit", False)] + [

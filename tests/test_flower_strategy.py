@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import tiny_run_config
 from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from florist.adapters import read_peft_adapter
 from florist.aggregation.base import LoraFactors
@@ -80,12 +79,8 @@ def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a Flower process need a run/node/task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def task_identity(flower_identity):
+    """Messages built outside a Flower process need a run/node/task identity (conftest)."""
 
 
 class FakeGrid:

@@ -59,8 +59,10 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
-    """(host, evaluate) for centralised evaluation, or None when it is off."""
+def _evaluator(cfg: RunConfig, server: Any) -> Any:
+    """Centralised evaluation of ``server``'s global model (``florist.rounds.ServerState``), or None
+    when it is off: a base that folds in every merged round as the run goes, then the active
+    adapter, exactly as ``florist run`` evaluates."""
     if not cfg.evaluate:
         return None
     from florist import data
@@ -70,12 +72,18 @@ def _evaluator(cfg: RunConfig, merged: list[Any]) -> tuple[Any, Any] | None:
 
     model, tokenizer = _load_model(cfg)
     host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
-    for adapter in merged:
-        host.merge_into_base(adapter)
     evaluator = Evaluator(cfg, data.Prompter(cfg.prompt_template_name))
     for note in evaluator.notes:
         log(INFO, "florist: %s", note)
-    return host, lambda adapter: evaluator(host, tokenizer, adapter)
+    folded: list[Any] = []
+
+    def evaluate(before: bool = False) -> dict[str, Any]:
+        for adapter in server.merged[len(folded) :]:
+            host.merge_into_base(adapter)
+            folded.append(adapter)
+        return evaluator(host, tokenizer, None if before else server.active_adapter())
+
+    return evaluate
 
 
 def run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> dict[str, Any]:
@@ -117,9 +125,10 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
             f"only {len(strategy.nodes)} nodes answered the info query (min-clients={cfg.min_clients})"
         )
 
-    evaluation = _evaluator(cfg, strategy.server.merged)
+    evaluation = _evaluator(cfg, strategy.server)
     if resumed is None:
-        strategy.metrics["eval_before"] = evaluation[1](None) if evaluation else {}
+        strategy.metrics["eval_before"] = evaluation(before=True) if evaluation else {}
+    strategy.evaluate_round = evaluation
 
     remaining = cfg.num_communication_rounds - strategy.round_offset
     if remaining > 0 and cfg.secure_aggregation:  # Flower's SecAgg+ workflow (florist.flower.secagg)
@@ -137,13 +146,11 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
     strategy.absorb_final_replies(final_replies)
 
     metrics = strategy.metrics
-    if evaluation is not None:
-        host, evaluate = evaluation
-        for adapter in strategy.server.merged[len(resumed.merged) if resumed else 0 :]:
-            host.merge_into_base(adapter)  # evaluation model: base + every merged round
-        metrics["eval_after"] = evaluate(strategy.server.active_adapter())
+    last = metrics["rounds"][-1] if metrics["rounds"] else {}
+    if "eval" in last and last["round"] == cfg.num_communication_rounds:  # evaluated already
+        metrics["eval_after"] = last["eval"]
     else:
-        metrics["eval_after"] = {}
+        metrics["eval_after"] = evaluation() if evaluation is not None else {}
     wire_total = {
         key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
         for key in ("params_up", "bytes_up", "params_down", "bytes_down")

@@ -47,6 +47,7 @@ from florist.rounds import (
     ServerState,
     build_aggregator,
     close_round,
+    evaluation_due,
     mean_losses,
     method_options,
     new_metrics,
@@ -93,6 +94,7 @@ class FloristStrategy(FedAvg):
         self.failures: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = new_metrics(cfg)
         self.sent: dict[int, dict[str, Any]] = {}  # node id -> what this round sent it
+        self.evaluate_round: Any = None  # the server's evaluation of the global model (eval_every)
         self.reply_scalings: dict[str, dict[str, Any]] = {}  # secure aggregation: scalings only
         if resumed is not None:
             # A resumed run: nodes start with empty state, so the merged updates are resent.
@@ -427,6 +429,8 @@ class FloristStrategy(FedAvg):
         for client, arrays in uploads.items():
             if client in entry["client_stats"]:
                 _add_wire(entry, client, "up", arrays)
+        if self.evaluate_round is not None and evaluation_due(self.cfg, entry["round"]):
+            entry["eval"] = self.evaluate_round()
         self.recorder.record(entry, self.server)
         first, last = mean_losses(entry)
         summary = MetricRecord(
