@@ -23,12 +23,15 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from florist.errors import FloristError
 from florist.io import atomic_directory
 
 REPORT_DIR = "report"
 MAX_CURVES = 9  # energy curves drawn individually; the rest are summarised by a band
+
+
 def method_label(method: str, options: dict[str, Any] | None = None) -> str:
     """A method's label as it declares it (``Aggregator.describe``: "FLoRIST τ=0.90")."""
     from florist.aggregation import AGGREGATORS  # torch: only when a report is drawn
@@ -401,6 +404,108 @@ def loss_figure(groups: list[tuple[str, list[dict[str, Any]]]]) -> Figure:
     return fig
 
 
+# --- learning curves over rounds ------------------------------------------------------------
+
+
+def curve_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's held-out loss at every evaluated round (round 0: the base model), with its 95%
+    bootstrap interval over records and the mean MB each client has downloaded by then."""
+    from florist.stats import bootstrap_ci, heldout_records
+
+    points = []
+    evaluated = [(0, 0.0, metrics.get("eval_before"))] + [
+        (
+            int(r["round"]),
+            (r.get("cumulative") or {}).get("bytes_down_per_client", math.nan) / 1e6,
+            r.get("eval"),
+        )
+        for r in metrics.get("rounds") or []
+    ]
+    for rnd, mb, evaluation in evaluated:
+        heldout = (evaluation or {}).get("heldout")
+        if not heldout:
+            continue
+        losses, tokens = heldout_records(evaluation)
+        ci = list(bootstrap_ci(losses, tokens)) if tokens else [math.nan, math.nan]
+        points.append({"round": rnd, "mb_down_per_client": mb, "loss": float(heldout["loss"]), "ci95": ci})
+    return points
+
+
+def learning_curve_figure(runs: list[tuple[str, dict[str, Any]]]) -> Figure:
+    """Held-out loss against rounds and against MB downloaded per client, one line per run, with
+    95% intervals at the evaluated rounds; the global rank each round in its own panel (FLoRIST's
+    kept rank moves with the round; the other methods' is fixed by their ranks)."""
+    fig = Figure(figsize=(17, 4.8), layout="constrained")
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    for label, metrics in runs:
+        method = str(metrics.get("method"))
+        color = METHOD_COLORS.get(method)
+        points = curve_points(metrics)
+        for ax, key in zip(axes[:2], ("round", "mb_down_per_client")):
+            xs = [p[key] for p in points]
+            ys = [p["loss"] for p in points]
+            err = [[p["loss"] - p["ci95"][0] for p in points], [p["ci95"][1] - p["loss"] for p in points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, color=color, label=label)
+        rounds = metrics.get("rounds") or []
+        axes[2].plot(
+            [r["round"] for r in rounds],
+            [sum(r["ranks"].values()) for r in rounds],
+            marker=".",
+            color=color,
+            label=label,
+        )
+    titles = [("round", "held-out loss (nats)"), ("MB downloaded per client (cumulative)", "held-out loss (nats)"),
+              ("round", "global rank (Σ over modules)")]  # fmt: skip
+    for ax, (xlabel, ylabel) in zip(axes, titles):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in (axes[0], axes[2]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Learning curves: held-out loss over rounds and bytes (95% intervals over records)", fontsize=12
+    )
+    return fig
+
+
+def run_label(metrics: dict[str, Any]) -> str:
+    method = str(metrics.get("method", "?"))
+    config = metrics.get("config") or {}
+    option = swept_option(method)
+    return method_label(method, {option: config.get(option, metrics.get("threshold"))} if option else None)
+
+
+def write_curves_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Learning curves of several runs in one report (``florist report RUN RUN ... --out DIR``):
+    the figure and a table of every evaluated round. Runs of one configuration (seeds) are told
+    apart by their directory names."""
+    dirs = [Path(d) for d in run_dirs]
+    loaded = [_load_json(d / "metrics.json") for d in dirs]
+    labels = [run_label(m) for m in loaded]
+    labels = [f"{lab} ({d.name})" if labels.count(lab) > 1 else lab for lab, d in zip(labels, dirs)]
+    md = [
+        "# Learning curves",
+        "",
+        "| run | round | MB down / client | held-out loss | 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    try:
+        for label, metrics in zip(labels, loaded):
+            for pt in curve_points(metrics):
+                lo, hi = pt["ci95"]
+                md.append(
+                    f"| {label} | {pt['round']} | {pt['mb_down_per_client']:.2f} | {pt['loss']:.4f} | [{lo:.4f}, {hi:.4f}] |"
+                )
+        figures = {"learning_curves.png": _png(learning_curve_figure(list(zip(labels, loaded))))}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ReportError(
+            f"malformed run metrics among {', '.join(map(str, dirs))} ({type(e).__name__}: {e})"
+        ) from None
+    return _write(Path(out_dir), figures, md + [""], "the runs' metrics.json")
+
+
 # --- run directories ---------------------------------------------------------------------
 
 
@@ -434,6 +539,7 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
         md.append("")
     dp = metrics.get("privacy")
     if dp:
+
         def eps(e: float | None) -> str:  # null: infinite, with its reason beside it (florist.io)
             return "∞" if e is None else f"{e:.3g}"
 
@@ -481,6 +587,8 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
         )
     if any(r.get("client_stats") for r in rounds):
         figures["loss_curves.png"] = _png(loss_figure([(label, rounds)]))
+    if sum(1 for r in rounds if (r.get("eval") or {}).get("heldout")) >= 1:  # eval_every
+        figures["learning_curves.png"] = _png(learning_curve_figure([(label, metrics)]))
     return figures, md
 
 
@@ -563,6 +671,8 @@ CAPTIONS = {
     "energy_curves.png": "Cumulative σ² energy against rank; horizontal lines are τ, crosses the rank chosen per module.",
     "rank_heatmap.png": "Broadcast rank per layer (rows) and module type (columns).",
     "loss_curves.png": "Training loss per optimizer step, per client; dotted lines separate rounds.",
+    "learning_curves.png": "Held-out loss at the evaluated rounds (round 0: the base model) against rounds and "
+    "against MB downloaded per client, with 95% bootstrap intervals over records; global rank per round.",
 }
 
 
@@ -600,8 +710,13 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None) -> P
     else:
         raise ReportError(f"{run_dir}: neither metrics.json (a run) nor sweep.json (a sweep) found")
 
-    out = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
-    md += [f"_Generated from `{source.name}`._", ""]
+    return _write(
+        Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR, figures, md, f"`{source.name}`"
+    )
+
+
+def _write(out: Path, figures: dict[str, bytes], md: list[str], source: str) -> Path:
+    md += [f"_Generated from {source}._", ""]
     for name in figures:
         md += [f"![{name[:-4]}]({name})", "", f"*{CAPTIONS[name]}*", ""]
     if not figures:

@@ -142,3 +142,39 @@ def test_flower_equals_in_process_for_a_cosine_run_with_partial_participation(me
         assert ours["cumulative"] == theirs["cumulative"]
         assert ours["eval"]["heldout"]["loss"] == pytest.approx(theirs["eval"]["heldout"]["loss"], rel=1e-5)
     assert len({r["learning_rate"] for r in metrics["rounds"]}) == 3
+
+
+def test_the_report_draws_learning_curves_from_two_round_runs(tmp_path, federated_data, capsys):
+    """`florist report` on a 2-round run with eval_every 1 draws its learning curves; on several
+    runs, one line per run, with a table of every evaluated round and its interval."""
+    data = federated_data(3)
+    runs = []
+    for method in ("fedit", "florist"):
+        cfg = tiny_run_config(data, tmp_path / method, method=method, evaluate=True, num_communication_rounds=2,
+                              eval_every=1, cutoff_len=256)  # fmt: skip
+        run_federated(cfg, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
+        runs.append(tmp_path / method)
+    assert main(["report", str(runs[1])]) == 0
+    single = (runs[1] / "report" / "learning_curves.png").read_bytes()
+    assert single.startswith(b"\x89PNG") and len(single) > 20_000
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "curves")]) == 0
+    table = [
+        line
+        for line in (tmp_path / "curves" / "report.md").read_text().splitlines()
+        if line.startswith("| F")
+    ]
+    assert [line.split(" | ")[1] for line in table] == [
+        "0",
+        "1",
+        "2",
+        "0",
+        "1",
+        "2",
+    ]  # each run: base, round 1, 2
+    for line in table:
+        loss = float(line.split(" | ")[3])
+        low, high = (float(x) for x in line.split(" | ")[4].strip(" |[]").split(", "))
+        assert low <= loss <= high
+    assert (tmp_path / "curves" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["report", *map(str, runs)]) == 2  # several runs need --out
+    assert "--out" in capsys.readouterr().err
