@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from florist.data import IGNORE_INDEX, DataError, _json_type
+from florist.records import IGNORE_INDEX, DataError
+from florist.records import json_type as _json_type
 
 CONVERSATION_FORMATS = ("messages", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant")

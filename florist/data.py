@@ -32,9 +32,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from florist.chat_data import (
+    CONVERSATION_FORMATS,
+    check_chat_tokenizer,
+    conversation_format,
+    instruction_messages,
+    is_conversation,
+    normalize_conversation,
+    prompt_messages,
+    render,
+    tokenize_conversation,
+)
 from florist.config import PAD_TO_MULTIPLE_OF
-from florist.errors import FloristError
 from florist.progress import bar_disabled
+from florist.records import IGNORE_INDEX, DataError
+from florist.records import json_type as _json_type
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +60,6 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 _INPUT_FIELD = {"dolly": "context", "alpaca": "input", "wizard": None}
 _OUTPUT_FIELD = {"dolly": "response", "alpaca": "output", "wizard": "output"}
 
-IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 SPLIT_MODES = ("iid", "dirichlet", "shards")
 
 
@@ -80,10 +91,6 @@ def collate(
         labels[row, :k] = torch.as_tensor(e["labels"][:k], dtype=torch.long)
         attention_mask[row, :k] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-class DataError(FloristError, ValueError):
-    """Bad instruction data; the message names the file and the record."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,12 +175,6 @@ def _parse_jsonl_or_object(text: str, path: Path) -> list[dict]:
     return records
 
 
-def _json_type(value: Any) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    names.update({list: "an array", dict: "an object"})
-    return names.get(type(value), type(value).__name__)
-
-
 def detect_format(records: Sequence[dict], path: str | Path = "<records>", *, prompts: bool = False) -> str:
     """The data format, from the fields the records use: 'messages', 'sharegpt',
     'prompt_completion', 'dolly', 'alpaca' or 'wizard'.
@@ -181,8 +182,6 @@ def detect_format(records: Sequence[dict], path: str | Path = "<records>", *, pr
     With ``prompts`` (``florist generate``'s input) answers may be missing: a lone ``prompt`` or
     ``instruction`` field is enough.
     """
-    from florist.chat_data import conversation_format
-
     keys: set[str] = set()
     for record in records:
         if isinstance(record, dict):
@@ -211,8 +210,6 @@ def normalize_record(record: dict, fmt: str, *, where: str = "record", prompts: 
     ``where`` prefixes error messages, e.g. ``"data.json: record 12"``. With ``prompts`` a record
     may lack its answer (the output field, or a conversation's assistant turn).
     """
-    from florist.chat_data import CONVERSATION_FORMATS, normalize_conversation
-
     if fmt not in FORMAT_FIELDS and fmt not in CONVERSATION_FORMATS:
         raise ValueError(
             f"unknown data format {fmt!r}; expected one of {', '.join((*CONVERSATION_FORMATS, *FORMAT_FIELDS))}"
@@ -395,8 +392,6 @@ class Prompter:
 
     def uses_chat(self, example: dict) -> bool:
         """Whether ``example`` is rendered with the tokenizer's chat template."""
-        from florist.chat_data import is_conversation
-
         if self.template_name == "chat":
             return True
         if is_conversation(example):
@@ -448,8 +443,6 @@ def tokenize_example(
     (florist.chat_data); system and user text, role headers and padding never are, whatever
     ``train_on_inputs`` says (its default True is the paper's Alpaca setting).
     """
-    from florist.chat_data import instruction_messages, tokenize_conversation
-
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; tokenize_example needs one to end responses")
     if cutoff_len <= 0:
@@ -532,8 +525,6 @@ def encode_prompt(example: dict, tokenizer: Any, prompter: Prompter) -> list[int
     Chat: the messages before the answer (florist.chat_data.prompt_messages) with the template's
     generation prompt, no special tokens added; Alpaca: the prompt text, tokenised as in training.
     """
-    from florist.chat_data import check_chat_tokenizer, prompt_messages, render
-
     if prompter.uses_chat(example):
         check_chat_tokenizer(tokenizer)
         messages, _answer = prompt_messages(example)
