@@ -1,4 +1,4 @@
-"""``florist data``: split an instruction data set over clients, fetch public ones, describe a split.
+"""``florist data``: split a data set (instructions or conversations) over clients, fetch, describe.
 
     florist data split INPUT --num-clients K --out D [--mode iid|dirichlet|shards] [--alpha 0.5]
     florist data fetch dolly|alpaca|wizard|mmlu --out D
@@ -63,7 +63,7 @@ SPLIT_FLAGS = {
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "data", help="split, fetch or describe instruction data", description=__doc__.split("\n\n")[0]
+        "data", help="split, fetch or describe training data", description=__doc__.split("\n\n")[0]
     )
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -71,7 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "split", help="partition one data set into D/K/local_training_{k}.json + global_test.json"
     )
     s.add_argument(
-        "input", metavar="INPUT", help="a JSON array or JSON lines file (Dolly, Alpaca or Wizard format)"
+        "input",
+        metavar="INPUT",
+        help="a JSON array or JSON lines file: conversations (messages, ShareGPT, prompt/completion) "
+        "or instructions (Dolly, Alpaca, Wizard)",
     )
     s.add_argument("--num-clients", required=True, help="K, the number of clients")
     s.add_argument("--out", required=True, help="D: the split is written to D/K/")
