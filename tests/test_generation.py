@@ -123,12 +123,27 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_run, monkeypatch
     out = tiny_run["root"] / "never.jsonl"
     cases = [
         (["--input", str(bad)], f"{bad}: record 0: message 0: 'content' must be a string"),
-        (["--input", str(tiny_run["input"]), "--temperature", "-1"], "--temperature must be >= 0"),
-        (["--input", str(tiny_run["input"]), "--top_p", "0"], "--top_p must be in (0, 1]"),
-        (["--prompt", "hi", "--max_records", "0"], "--max_records must be positive"),
+        (
+            ["--input", str(tiny_run["input"]), "--temperature", "-1"],
+            "--temperature must be a finite number >= 0, got -1",
+        ),
+        (
+            ["--input", str(tiny_run["input"]), "--top_p", "0"],
+            "--top_p must be a finite number in (0, 1], got 0",
+        ),
+        (["--prompt", "hi", "--max_records", "0"], "--max_records must be an integer >= 1, got 0"),
+        (
+            ["--prompt", "hi", "--max_new_tokens", "many"],
+            "--max_new_tokens must be an integer >= 1, got many",
+        ),
+        (["--prompt", "hi", "--input", str(bad)], "not allowed with argument"),
     ]
     for extra, message in cases:
-        assert main(["generate", str(tiny_run["adapter"]), *extra, "--output", str(out)]) == 2
+        try:
+            code = main(["generate", str(tiny_run["adapter"]), *extra, "--output", str(out)])
+        except SystemExit as e:  # argparse's own errors (florist.settings.one_line_errors)
+            code = e.code
+        assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
         assert not out.exists()

@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from florist.cli.generate import add_sampling_flags, sampling_from
+from florist.cli.generate import SAMPLING_FLAGS, add_sampling_flags, sampling_from
+from florist.settings import check_args, one_line_errors
 
 PROMPT = "you> "
 ANSWER = "assistant> "
@@ -29,9 +30,11 @@ def add_parser(subparsers: Any) -> None:
     add_sampling_flags(p)
     p.add_argument("--system", default=None, help="a system message that opens every conversation")
     p.set_defaults(func=run)
+    one_line_errors(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args, SAMPLING_FLAGS)
     from florist.chat_data import check_chat_tokenizer
     from florist.generation import load_for_generation
 

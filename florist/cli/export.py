@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from florist.errors import FloristError
+from florist.settings import Setting, check_args, one_line_errors
 
 FORMATS = ("hf", "gguf")
 OUTTYPES = ("f32", "f16", "q8_0")
+FLAGS = {"--format": Setting(str, choices=FORMATS), "--outtype": Setting(str, choices=OUTTYPES)}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -44,14 +46,11 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
+    one_line_errors(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    # Flags first, before the imports and the model load: bad ones answer at once.
-    if args.format not in FORMATS:
-        raise FloristError(f"--format must be hf or gguf, got {args.format!r}")
-    if args.outtype not in OUTTYPES:
-        raise FloristError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {args.outtype!r}")
+    check_args(args, FLAGS)  # flags first, before the imports and the model load
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FloristError(f"{out}: already exists (pass --force to replace it)")

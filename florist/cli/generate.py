@@ -19,6 +19,21 @@ import json
 from typing import Any
 
 from florist.errors import FloristError
+from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args, one_line_errors
+
+# Every flag's type and range, checked by florist.settings.check_args (one line naming the flag).
+SAMPLING_FLAGS = {
+    "--max_new_tokens": Setting(int, low=1),
+    "--temperature": Setting(float, low=0),
+    "--top_p": Setting(float, low=0, high=1, low_open=True),
+    "--seed": Setting(int, low=0),
+    "--device": Setting(str, pattern=DEVICE_PATTERN, described=DEVICE_WORDS),
+}
+FLAGS = {
+    **SAMPLING_FLAGS,
+    "--max_records": Setting(int, optional=True, low=1),
+    "--batch_size": Setting(int, low=1),
+}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -30,11 +45,11 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
     )
     p.add_argument(
-        "--max_new_tokens", "--max-new-tokens", type=int, default=256, help="answer length cap (default: 256)"
+        "--max_new_tokens", "--max-new-tokens", default=256, help="answer length cap (default: 256)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top_p", "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    p.add_argument("--temperature", default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", "--top-p", default=1.0, help="nucleus sampling mass (default: 1)")
+    p.add_argument("--seed", default=42, help="sampling seed (default: 42)")
     p.add_argument(
         "--template",
         default=None,
@@ -58,9 +73,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--compare_base", "--compare-base", action="store_true", help="also the base model's answer"
     )
-    p.add_argument("--max_records", "--max-records", type=int, default=None, help="the first N input records")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    p.add_argument("--max_records", "--max-records", default=None, help="the first N input records")
+    p.add_argument("--batch_size", "--batch-size", default=8, help="prompts per batch (default: 8)")
     p.set_defaults(func=run)
+    one_line_errors(p)
 
 
 def sampling_from(args: argparse.Namespace) -> Any:
@@ -70,10 +86,7 @@ def sampling_from(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_records is not None and args.max_records <= 0:
-        raise FloristError(f"--max_records must be positive, got {args.max_records}")
-    if args.batch_size <= 0:
-        raise FloristError(f"--batch_size must be positive, got {args.batch_size}")
+    check_args(args, FLAGS)  # before the imports: bad flags answer at once
     from florist.data import load_dataset_file
     from florist.generation import format_answers
 
