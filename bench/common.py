@@ -17,23 +17,27 @@ import torch
 
 from florist.config import RunConfig
 from florist.io import atomic_write_text
-from florist.stats import heldout_records
+from florist.stats import heldout_records, paired_bootstrap_ci
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def machine() -> dict[str, Any]:
     """CPU, cores, threads, versions, time and load: context for every figure a script writes."""
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        info = []
+    for line in info:
+        if line.startswith("model name") and cpu == platform.processor():
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
     return {
         "cpu": cpu,
+        # Native bf16 (AVX512-BF16 or AMX) decides whether bf16 autocast is fast: name it with every figure.
+        "bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}) or "none",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -198,3 +202,40 @@ def keep_newer(docs: Path, doc: dict[str, Any], text: str) -> tuple[dict[str, An
     if old_md.is_file() and START in (old_text := old_md.read_text()) and END in old_text:
         text = splice(text, START + old_text.split(START, 1)[1].split(END, 1)[0] + END + "\n")
     return doc, text
+
+
+# --- pairing records across evaluations ------------------------------------------------------
+
+
+def by_index(evaluation: dict[str, Any] | None, offset: int = 0) -> dict[int, tuple[float, int]]:
+    """{held-out record index: (loss sum, tokens)} of an evaluation (``heldout_loss``'s records)."""
+    recs = (evaluation or {}).get("records") or {}
+    return {
+        offset + i: (loss, tokens)
+        for i, loss, tokens in zip(recs.get("index", []), recs.get("loss_sum", []), recs.get("tokens", []))
+    }
+
+
+def personal_records(row: dict[str, Any], n_global: int, per_client: int) -> dict[int, tuple[float, int]]:
+    """FedSA's personalised per-record sums, re-indexed into heldout.json: bench/results.py puts
+    client k's held-out sample at n_global + k * per_client."""
+    out: dict[int, tuple[float, int]] = {}
+    for cid, c in row["eval_personal"]["clients"].items():
+        k = int(cid.rsplit("_", 1)[1])
+        out |= by_index(c, n_global + k * per_client)
+    return out
+
+
+def paired_on(a: dict[int, tuple[float, int]], b: dict[int, tuple[float, int]]) -> dict[str, Any]:
+    """a - b (token-weighted mean loss) on the records both scored, with its paired 95% CI."""
+    keys = sorted(a.keys() & b.keys())
+    la, tokens = [a[i][0] for i in keys], [a[i][1] for i in keys]
+    lb = [b[i][0] for i in keys]
+    n = sum(tokens)
+    return {
+        "a": sum(la) / n,
+        "b": sum(lb) / n,
+        "delta": (sum(la) - sum(lb)) / n,
+        "ci95": list(paired_bootstrap_ci(la, lb, tokens)),
+        "n_records": len(keys),
+    }

@@ -44,9 +44,12 @@ from common import (  # noqa: E402
     START,
     base_config,
     beyond_seeds,
+    by_index,
     compare,
     fmt_ci,
     machine,
+    paired_on,
+    personal_records,
     prepare_data,
     records_of,
     splice,
@@ -55,7 +58,7 @@ from common import (  # noqa: E402
 
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
 from florist.report import human_bytes, method_label  # noqa: E402
-from florist.stats import bootstrap_ci, heldout_comparison, paired_bootstrap_ci  # noqa: E402
+from florist.stats import bootstrap_ci, heldout_comparison  # noqa: E402
 
 SETTINGS = {  # sub-directory: (heterogeneous ranks, methods)
     "homogeneous": (False, ["fedit", "flora", "fedex", "fedsa", "hetlora", "lorafair", "rolora"]),
@@ -65,40 +68,6 @@ NEWER = ("fedex", "fedsa", "hetlora", "lorafair", "rolora")
 
 
 # --- statistics ------------------------------------------------------------------------------
-
-
-def by_index(evaluation: dict[str, Any] | None, offset: int = 0) -> dict[int, tuple[float, int]]:
-    """{held-out record index: (loss sum, tokens)} of an evaluation (``heldout_loss``'s records)."""
-    recs = (evaluation or {}).get("records") or {}
-    return {
-        offset + i: (loss, tokens)
-        for i, loss, tokens in zip(recs.get("index", []), recs.get("loss_sum", []), recs.get("tokens", []))
-    }
-
-
-def personal_records(row: dict[str, Any], n_global: int, per_client: int) -> dict[int, tuple[float, int]]:
-    """FedSA's personalised per-record sums, re-indexed into heldout.json: bench/results.py puts
-    client k's held-out sample at n_global + k * per_client."""
-    out: dict[int, tuple[float, int]] = {}
-    for cid, c in row["eval_personal"]["clients"].items():
-        k = int(cid.rsplit("_", 1)[1])
-        out |= by_index(c, n_global + k * per_client)
-    return out
-
-
-def paired_on(a: dict[int, tuple[float, int]], b: dict[int, tuple[float, int]]) -> dict[str, Any]:
-    """a - b (token-weighted mean loss) on the records both scored, with its paired 95% CI."""
-    keys = sorted(a.keys() & b.keys())
-    la, tokens = [a[i][0] for i in keys], [a[i][1] for i in keys]
-    lb = [b[i][0] for i in keys]
-    n = sum(tokens)
-    return {
-        "a": sum(la) / n,
-        "b": sum(lb) / n,
-        "delta": (sum(la) - sum(lb)) / n,
-        "ci95": list(paired_bootstrap_ci(la, lb, tokens)),
-        "n_records": len(keys),
-    }
 
 
 def analyse(out: Path, budget: dict[str, Any], n_global: int) -> dict[str, Any]:

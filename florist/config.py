@@ -86,6 +86,7 @@ class RunConfig:
     eval_scorer: str = "loglik"  # loglik | generate
     evaluate: bool = True
     eval_every: int = 0  # also evaluate after every N-th round (and the last); 0: before and after only
+    eval_base: bool = True  # evaluate the base model before round 1 (eval_before); many runs share it
     # client-level differential privacy and secure aggregation (florist.privacy, docs/methods.md)
     dp_clip_norm: float = 0.0  # C, the L2 bound of each upload's factor update; 0: no DP
     dp_noise_multiplier: float = 0.0  # z: noise std z*C per upload (local) or z*C/m on the mean (central)

@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = {
     "test_data_path",
     "save_merged",
     "eval_every",
+    "eval_base",
     "save_every",
     "device",
 }
@@ -242,7 +243,9 @@ def _begin(
     """The server state, the metrics so far and the first round to run: fresh, or resumed."""
     if resumed is None:
         metrics = new_metrics(cfg)
-        metrics["eval_before"] = evaluate(setup.host, setup.tokenizer, None) if cfg.evaluate else {}
+        metrics["eval_before"] = (
+            evaluate(setup.host, setup.tokenizer, None) if cfg.evaluate and cfg.eval_base else {}
+        )
         return ServerState(), metrics, 1
     if method.aggregator.local_factors and not resumed.client_state:
         raise ConfigError(

@@ -127,7 +127,7 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
 
     evaluation = _evaluator(cfg, strategy.server)
     if resumed is None:
-        strategy.metrics["eval_before"] = evaluation(before=True) if evaluation else {}
+        strategy.metrics["eval_before"] = evaluation(before=True) if evaluation and cfg.eval_base else {}
     strategy.evaluate_round = evaluation
 
     remaining = cfg.num_communication_rounds - strategy.round_offset
