@@ -64,7 +64,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "train_on_inputs": True,
     "group_by_length": True,
     "resume_from_checkpoint": None,
-    "prompt_template_name": "alpaca",
+    "prompt_template_name": "auto",  # the paper's alpaca for instruction data; the chat template for conversations
     "stacking": False,
     "florist": False,
     "flora": False,

@@ -724,4 +724,8 @@ def write_split(
 
 def _write_json(path: Path, obj: Any) -> None:
     # Written inside an atomic_directory, so a plain write is enough here.
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    from florist.io import strict_json
+
+    path.write_text(
+        json.dumps(strict_json(obj), ensure_ascii=False, indent=1, allow_nan=False) + "\n", encoding="utf-8"
+    )

@@ -37,6 +37,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.add_parser(sub)
+    from florist.settings import one_line_errors
+
+    for p in [parser, *sub.choices.values()]:  # an unknown flag is one line too, not the usage text
+        one_line_errors(p)
     return parser
 
 

@@ -153,7 +153,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     except (ConnectionError, OSError) as e:
         raise FloristError(_offline_message(repo, e)) from None
 
-    from florist.io import atomic_write_text
+    from florist.io import atomic_write_text, strict_json
 
     out = Path(args.out)
     if args.name == "mmlu":
@@ -167,7 +167,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     for idx, row in enumerate(rows):  # the download must pass the same checks as a user's file
         normalize_record(row, args.name, where=f"{repo}: record {idx}")
     target = out / out_name
-    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(
+        target, "".join(json.dumps(strict_json(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    )
     print(f"wrote {target} ({len(rows)} records)")
     return 0
 

@@ -290,10 +290,15 @@ def run_eval(args: argparse.Namespace) -> int:
                 dev=dev,
             )
     if heldout:
+        from florist.data import Prompter
+
+        # A run's held-out records are scored with the template it trained with.
+        template = dict(target.run_config or {}).get("prompt_template_name", "auto")
         results["heldout"] = {"path": str(heldout_path)} | heldout_loss(
             model,
             tokenizer,
             heldout,
+            prompter=Prompter(str(template)),
             cutoff_len=args.cutoff_len,
             batch_size=args.batch_size,
             max_records=args.max_heldout,

@@ -200,13 +200,15 @@ def _examples(cfg: RunConfig, node: NodeSettings, tokenizer: Any) -> list[dict]:
             max_samples_per_client=cfg.max_samples_per_client,
             seed=cfg.seed,
         )[node.partition_id]
-    prompter = data.Prompter(cfg.prompt_template_name)
-    return [
-        data.tokenize_example(
-            r, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, prompter=prompter
-        )
-        for r in records
-    ]
+    # Records that truncation leaves without a trained token are dropped, as in florist run.
+    return data.tokenize_dataset(
+        records,
+        tokenizer,
+        cutoff_len=cfg.cutoff_len,
+        train_on_inputs=cfg.train_on_inputs,
+        prompter=data.Prompter(cfg.prompt_template_name),
+        desc=f"tokenizing {node.client_id}",
+    )
 
 
 # --- handlers ------------------------------------------------------------------------------------
