@@ -104,3 +104,25 @@ def test_the_sweep_says_which_init_a_method_used_when_the_override_does_not_appl
     assert "ffa trains with shared inits: client_init per_client does not apply" in on_disk["note"]
     inits = {r["method"]: r["client_init"] for r in sweep["settings"][0]["rows"]}
     assert inits == {"ffa": "shared", "florist": "per_client"}
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"partition-id": "x"}, "node config: partition-id must be an integer >= 0, got 'x'"),
+        ({"partition-id": True}, "node config: partition-id must be an integer >= 0, got True"),
+        ({"partition-id": 0, "lora-rank": 0}, "node config: lora-rank must be an integer >= 1, got 0"),
+        ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 is not below num-partitions 3"),
+        ({}, "node config needs partition-id"),
+    ],
+)
+def test_a_supernodes_node_config_is_checked_like_every_setting(node_config, message):
+    from flwr.app import Context, RecordDict
+
+    from florist.flower.app_config import run_config_values
+    from florist.flower.client_app import node_settings
+
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config=run_config_values())  # fmt: skip
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        node_settings(context)

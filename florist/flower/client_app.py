@@ -39,6 +39,7 @@ from florist.config import ConfigError, RunConfig
 from florist.flower import protocol, secagg
 from florist.flower.app_config import run_config_from_flower
 from florist.flower.payload import adapter_to_record, record_to_adapter
+from florist.settings import Setting, Source
 
 app = ClientApp()
 
@@ -60,13 +61,18 @@ class NodeSettings:
         return client_id(self.partition_id)
 
 
-def _int_setting(node_config: dict[str, Any], key: str) -> int | None:
-    if key not in node_config:
-        return None
-    value = node_config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"node config {key!r} must be a non-negative integer, got {value!r}")
-    return value
+NODE_CONFIG = Source("node config")
+# Every node-config key this node reads, checked as every other setting (florist.settings).
+NODE_SETTINGS = {
+    "partition-id": Setting(int, low=0),
+    "num-partitions": Setting(int, optional=True, low=1),
+    "lora-rank": Setting(int, optional=True, low=1),
+    "hold-in-round": Setting(int, optional=True, low=1),
+}
+
+
+def _node_setting(node_config: dict[str, Any], key: str) -> Any:
+    return NODE_SETTINGS[key].parse(node_config.get(key), name=key, source=NODE_CONFIG)
 
 
 def node_settings(context: Context) -> tuple[RunConfig, NodeSettings]:
@@ -75,20 +81,18 @@ def node_settings(context: Context) -> tuple[RunConfig, NodeSettings]:
     node_config = dict(context.node_config)
     if "device" in node_config:
         cfg.device = str(node_config["device"])
-    partition_id = _int_setting(node_config, "partition-id")
-    if partition_id is None:
+    if "partition-id" not in node_config:
         raise ConfigError("node config needs partition-id (this client's index, 0-based)")
-    num_partitions = _int_setting(node_config, "num-partitions")
+    partition_id = _node_setting(node_config, "partition-id")
+    num_partitions = _node_setting(node_config, "num-partitions")
     if num_partitions is not None and partition_id >= num_partitions:
         raise ConfigError(f"partition-id {partition_id} is not below num-partitions {num_partitions}")
     rank, alpha = cfg.client_rank(partition_id), cfg.client_alpha(partition_id)
-    node_rank = _int_setting(node_config, "lora-rank")
+    node_rank = _node_setting(node_config, "lora-rank")
     if cfg.heter and node_rank is not None:
-        if node_rank == 0:
-            raise ConfigError("node config lora-rank must be positive")
         rank, alpha = node_rank, 2.0 * node_rank  # the paper's alpha = 2 r_k
-    data_file = node_config.get("data-file")
-    data_path = node_config.get("data-path", cfg.data_path)
+    data_file, data_path, output = (node_config.get(k) for k in ("data-file", "data-path", "output-dir"))
+    data_path = data_path or cfg.data_path
     settings = NodeSettings(
         partition_id=partition_id,
         num_partitions=num_partitions,
@@ -96,7 +100,7 @@ def node_settings(context: Context) -> tuple[RunConfig, NodeSettings]:
         alpha=alpha,
         data_path=str(data_path) if data_path else None,
         data_file=str(data_file) if data_file else None,
-        output_dir=str(node_config["output-dir"]) if node_config.get("output-dir") else None,
+        output_dir=str(output) if output else None,
     )
     return cfg, settings
 
@@ -105,7 +109,7 @@ def _hold_if_asked(node_config: dict[str, Any], rnd: int) -> None:
     """Fault injection: with ``hold-in-round`` = r, the node stalls before training in round r until
     ``resume-file`` exists, as a hung machine would. A test can then kill it mid-round on an event,
     not by racing the round (tests/test_flower.py)."""
-    hold = _int_setting(node_config, "hold-in-round")
+    hold = _node_setting(node_config, "hold-in-round")
     if hold is None or hold != rnd:
         return
     if not node_config.get("resume-file"):
