@@ -9,6 +9,11 @@ Per module (paper, Section 3):
    (``linalg.energy_rank``; tau = 1 keeps every numerically non-zero direction).
 4. Broadcast B_g = U[:, :p] diag(sigma[:p]), A_g = Vh[:p] with scaling 1 to every client, which
    merges it into its base weights and starts the next round from a fresh LoRA.
+
+Modules are independent: they run side by side, each single-threaded (``linalg.map_modules``), so
+the result does not depend on the thread count. In float32 (``dtype=torch.float32``) a module's
+result is kept only when ``linalg.float32_error_bound`` certifies that its kept rank is float64's;
+the others are recomputed in float64 (``options["float64_modules"]`` names them).
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from florist.aggregation.base import (
     BroadcastShape,
     ClientUpdate,
     GlobalResult,
+    LoraFactors,
     client_weights,
     register,
 )
 from florist.aggregation.linalg import (
     Decomposition,
+    certified_energy_rank,
     check_decomposition,
     energy_rank,
+    float32_error_bound,
+    map_modules,
     product_svd,
     weighted_stack,
 )
@@ -60,6 +69,7 @@ class FLoRIST(Aggregator):
         *,
         threshold: float = 0.9,
         decomposition: Decomposition = "qr",
+        workers: int | None = None,
     ) -> None:
         super().__init__(dtype)
         if (
@@ -70,18 +80,35 @@ class FLoRIST(Aggregator):
             raise ValueError(f"FLoRIST threshold (tau) must be a number in (0, 1], got {threshold!r}")
         self.threshold = float(threshold)
         self.decomposition = check_decomposition(decomposition)
+        # Modules aggregated side by side (linalg.map_modules; None: torch's thread count).
+        self.workers = workers
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalResult:
         names = sorted(updates[0].modules)  # validated by Aggregator
         weights = client_weights(updates, self.dtype)
-        adapter, singular_values = {}, {}
-        for name in names:
+        float64_weights = client_weights(updates, torch.float64)
+
+        def module(name: str) -> tuple[LoraFactors, torch.Tensor, bool]:
             B, A = weighted_stack(updates, name, weights, self.dtype)
             svd = product_svd(B, A, self.decomposition)
-            rank = energy_rank(svd.S, self.threshold, (B.shape[0], A.shape[1]))
-            adapter[name] = svd.factors(rank)
-            singular_values[name] = svd.S
-        options = {"threshold": self.threshold, "decomposition": self.decomposition}
+            if self.dtype == torch.float64:
+                return svd.factors(energy_rank(svd.S, self.threshold, (B.shape[0], A.shape[1]))), svd.S, False
+            # float32: keep its result only when its error bound leaves the kept rank certain,
+            # so the rank is always float64's; otherwise redo this module in float64.
+            rank = certified_energy_rank(svd.S, self.threshold, float32_error_bound(B, A))
+            if rank is not None:
+                return svd.factors(rank), svd.S, False
+            B, A = weighted_stack(updates, name, float64_weights, torch.float64)
+            svd = product_svd(B, A, self.decomposition)
+            f = svd.factors(energy_rank(svd.S, self.threshold, (B.shape[0], A.shape[1])))
+            return LoraFactors(A=f.A.float(), B=f.B.float(), scaling=f.scaling), svd.S.float(), True
+
+        done = map_modules(module, names, self.workers)
+        adapter = {name: f for name, (f, _, _) in zip(names, done)}
+        singular_values = {name: S for name, (_, S, _) in zip(names, done)}
+        options: dict[str, object] = {"threshold": self.threshold, "decomposition": self.decomposition}
+        if self.dtype == torch.float32:  # the modules whose cut-off float32 could not certify
+            options["float64_modules"] = [name for name, (_, _, redone) in zip(names, done) if redone]
         return self.result(adapter, singular_values=singular_values, options=options)
 
     def __repr__(self) -> str:

@@ -11,14 +11,17 @@ Everything runs on the CPU in the dtype the caller asks for (float64 or float32)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
 from florist.aggregation.base import Adapter, ClientUpdate, LoraFactors
 
+T = TypeVar("T")
 Decomposition = Literal["qr", "svd", "dense"]
 DECOMPOSITIONS: tuple[str, ...] = ("qr", "svd", "dense")
 
@@ -35,6 +38,32 @@ def check_decomposition(decomposition: str) -> str:
 
 def to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=dtype)
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # this worker thread's own OpenMP and MKL settings
+
+
+def map_modules(fn: Callable[[str], T], names: Sequence[str], workers: int | None = None) -> list[T]:
+    """``[fn(name) for name in names]``, the modules spread over ``workers`` threads (default: torch's
+    thread count), each running its LAPACK calls single-threaded.
+
+    A module's QR, SVD and rotations are tall-skinny LAPACK calls that MKL parallelises poorly
+    (two threads gained ~1.3x on one module); whole modules side by side use every core. Every
+    module is computed single-threaded whatever the thread count, so the result does not depend
+    on it (MKL's multi-threaded geqrf rounds differently from its single-threaded one).
+    ``workers=1`` runs in the calling thread as it is set (the sequential route, for comparison).
+    """
+    threads = torch.get_num_threads()
+    workers = threads if workers is None else workers
+    if workers <= 1 or (threads == 1 and len(names) <= 1):
+        return [fn(name) for name in names]
+    try:
+        with ThreadPoolExecutor(min(workers, len(names)), initializer=_single_threaded) as pool:
+            return list(pool.map(fn, names))
+    finally:
+        # torch keeps the last set_num_threads as the default for threads it meets later: restore it.
+        torch.set_num_threads(threads)
 
 
 # --- stacks and averages ---------------------------------------------------------------------
@@ -141,10 +170,18 @@ def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     if U.shape[1] == 0:
         return U, Vh
+    signs = sign_convention(U)
+    return U * signs, Vh * signs[:, None]
+
+
+def sign_convention(U: torch.Tensor) -> torch.Tensor:
+    """Per column of U, the sign (+1 or -1) that makes its largest-|.| entry positive."""
+    if U.shape[1] == 0:
+        return U.new_ones(0)
     rows = U.abs().argmax(dim=0)
     signs = torch.sign(U[rows, torch.arange(U.shape[1])])
     signs[signs == 0] = 1
-    return U * signs, Vh * signs[:, None]
+    return signs
 
 
 def _rotate(basis: torch.Tensor, tau: torch.Tensor | None, core: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -186,11 +223,16 @@ class ProductSVD:
         k = min(rank, self.S.shape[0])
         U = _rotate(self.left, self.left_tau, self.core_U, k)
         V = _rotate(self.right, self.right_tau, self.core_V, k)
-        U, Vh = fix_signs(U, V.T)
-        B = U.new_zeros(U.shape[0], rank)
-        A = Vh.new_zeros(rank, Vh.shape[1])
-        B[:, :k] = U * self.S[:k]
-        A[:k] = Vh
+        signs = sign_convention(U)
+        # One pass per factor, written straight into the (row-major) outputs; (U * sign) * S and
+        # U * (sign * S) are equal bit for bit, a sign flip being exact.
+        B = U.new_empty(U.shape[0], rank)
+        A = V.new_empty(rank, V.shape[0])
+        torch.mul(U, signs * self.S[:k], out=B[:, :k])
+        torch.mul(V.T, signs[:, None], out=A[:k])
+        if k < rank:
+            B[:, k:] = 0
+            A[k:] = 0
         return LoraFactors(A=A, B=B, scaling=1.0)
 
 
@@ -227,6 +269,61 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
         return 0
     tol = float(S[0]) * max(shape) * torch.finfo(S.dtype).eps
     return int((S > tol).sum())
+
+
+# The float32 route's error bound, (ROUNDING + DECOMPOSITION sqrt(R)) u32 ||B||_F ||A||_F
+# (float32_error_bound); tests/test_speed_paths.py checks it against float64 dense SVDs.
+FLOAT32_ROUNDING, FLOAT32_DECOMPOSITION = 4.0, 4.0
+
+
+def float32_error_bound(B: torch.Tensor, A: torch.Tensor) -> float:
+    """eps such that FLoRIST's float32 route computes the SVD of ``B @ A + E``, ||E||_F <= eps,
+    where ``B @ A`` is the exact weighted sum of the clients' float32 uploads (what float64 computes).
+
+    eps = (4 + 4 sqrt(R)) u32 ||B||_F ||A||_F, u32 = 2^-24. The first term covers rounding each
+    element once: the scaled stacks (s_k B_k, p_k A_k) going in and the two factors coming out
+    (at most about 3.5 u32 ||B||_F ||A||_F together). The second covers the QR, core SVD and
+    rotations: worst-case analyses of Householder QR grow with m R, but rounding errors add up
+    like a random walk (Higham and Mary, 2019); observed below 0.1 sqrt(R) u32 ||B||_F ||A||_F on
+    Llama-7B shapes. Each singular value is then within eps of the exact one (Weyl), and the
+    rank-p truncation within 2 eps of the best rank-p approximation's error (Mirsky).
+    """
+    u = torch.finfo(torch.float32).eps / 2
+    norms = 1.0
+    for t in (B, A):
+        norm = float(torch.linalg.vector_norm(t))
+        if not math.isfinite(norm):  # the sum of squares left float32: take the slower route
+            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+        norms *= norm
+    return (FLOAT32_ROUNDING + FLOAT32_DECOMPOSITION * math.sqrt(B.shape[1])) * u * norms
+
+
+def certified_energy_rank(S: torch.Tensor, threshold: float, error: float) -> int | None:
+    """The rank ``energy_rank`` gives the exact singular values, when every entry of ``S`` is
+    within ``error`` of them; None when ``error`` leaves the cut-off in doubt (or tau = 1, whose
+    numerical rank is decided at the level of rounding itself).
+
+    Each cumulative energy ratio is bounded from below (sigma_i - error for the kept, + error for
+    the rest) and from above; p is certified when the bound for p directions reaches tau and that
+    for p - 1 stays below tau by more than float64's own slack (``ENERGY_RTOL``).
+    """
+    if threshold >= 1.0 or S.numel() == 0:
+        return None
+    s = S.to(torch.float64)
+    lo, hi = (s - error).clamp(min=0.0) ** 2, (s + error) ** 2
+    head_lo, head_hi = torch.cumsum(lo, 0), torch.cumsum(hi, 0)
+    tail_lo = torch.flip(torch.cumsum(torch.flip(lo, (0,)), 0), (0,))[1:]  # sum over i > k
+    tail_hi = torch.flip(torch.cumsum(torch.flip(hi, (0,)), 0), (0,))[1:]
+    tail_lo, tail_hi = torch.cat([tail_lo, s.new_zeros(1)]), torch.cat([tail_hi, s.new_zeros(1)])
+    ratio_lo = head_lo / (head_lo + tail_hi)
+    ratio_hi = head_hi / (head_hi + tail_lo)
+    reached = torch.nonzero(ratio_lo >= threshold)  # NaN (all zero) never reaches it
+    if not reached.numel():
+        return None
+    p = int(reached[0]) + 1
+    if p > 1 and not float(ratio_hi[p - 2]) < threshold - 2 * ENERGY_RTOL:
+        return None
+    return p
 
 
 def energy_rank(S: torch.Tensor, threshold: float, shape: tuple[int, int]) -> int:
