@@ -186,6 +186,18 @@ class LocalFederation:
         return self.superlink
 
     def start_supernode(self, node_config: Mapping[str, Any], *, timeout: float = 600.0) -> Process:
+        return self.start_supernodes([node_config], timeout=timeout)[0]
+
+    def start_supernodes(
+        self, node_configs: list[Mapping[str, Any]], *, timeout: float = 600.0
+    ) -> list[Process]:
+        """Start all the SuperNodes, then wait for each to listen (their imports overlap)."""
+        nodes = [self._spawn_supernode(config) for config in node_configs]
+        for node in nodes:
+            self._wait_listening(node, timeout)
+        return nodes
+
+    def _spawn_supernode(self, node_config: Mapping[str, Any]) -> Process:
         if self.superlink is None:
             raise FederationError("start the SuperLink first")
         port = free_port()
@@ -203,7 +215,6 @@ class LocalFederation:
         ]
         node = self._spawn(f"supernode-{len(self.supernodes)}", argv, port)
         self.supernodes.append(node)
-        self._wait_listening(node, timeout)
         return node
 
     def kill(self, process: Process, sig: int = signal.SIGKILL) -> None:
@@ -285,28 +296,57 @@ class LocalFederation:
         result = self.flwr("log", run_id, CONNECTION, "--show")
         return result.stdout + result.stderr
 
-    def wait(self, run_id: str, *, timeout: float, poll: float = 3.0) -> RunOutcome:
-        """Wait for a run to finish; on timeout stop it and raise (never hang)."""
+    def _serverapp_exits(self, offset: int) -> tuple[int, int]:
+        """ServerApps that reported their end to the SuperLink (its access log) since ``offset``,
+        and the log's new end."""
+        if self.superlink is None:
+            return 0, offset
+        try:
+            with open(self.superlink.log, "rb") as log:
+                log.seek(max(0, offset - 64))  # a marker split across two reads is still seen once
+                text = log.read()
+        except OSError:
+            return 0, offset
+        marker = b"/v1/runtime/push-task-output"
+        overlap = text[: min(64, offset)]
+        return text.count(marker) - overlap.count(marker), max(0, offset - 64) + len(text)
+
+    def wait(self, run_id: str, *, timeout: float, poll: float = 1.0, idle_poll: float = 30.0) -> RunOutcome:
+        """Wait for a run to finish; on timeout stop it and raise (never hang).
+
+        Each ``flwr ls`` is a Python process (over a second of CPU), so the status is asked when
+        the SuperLink's log shows a ServerApp ending, every ``poll`` seconds for a while after
+        that, and otherwise every ``idle_poll`` seconds (which also catches a run that fails
+        before its ServerApp starts)."""
         started = time.monotonic()
+        asked = hot_until = -float("inf")
+        offset = 0
         while True:
             for process in self.processes:
                 if process.alive():
                     process.remember_descendants()
+            if self.superlink is not None and not self.superlink.alive():
+                raise FederationError(f"the SuperLink died during run {run_id}:\n{_tail(self.superlink.log)}")
+            now = time.monotonic()
+            ended, offset = self._serverapp_exits(offset)
+            if ended:
+                hot_until = now + 30.0
+            if now - asked < (poll if now < hot_until else idle_poll) and now - started <= timeout:
+                time.sleep(0.5)
+                continue
+            asked = now
             info = self.run_info(run_id)
             status = str(info.get("status", ""))
             if status.startswith("finished"):
                 return RunOutcome(
                     run_id, status, str(info.get("status-details", "")), time.monotonic() - started, info
                 )
-            if self.superlink is not None and not self.superlink.alive():
-                raise FederationError(f"the SuperLink died during run {run_id}:\n{_tail(self.superlink.log)}")
             if time.monotonic() - started > timeout:
                 self.flwr("stop", run_id, CONNECTION)
                 raise FederationError(
                     f"run {run_id} did not finish within {timeout:.0f}s (status {status}); stopped it.\n"
                     f"SuperLink log:\n{_tail(self.superlink.log) if self.superlink else ''}"
                 )
-            time.sleep(poll)
 
     def run(
         self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None, *, timeout: float = 600.0
