@@ -73,7 +73,20 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX).
+
+    ``FLORIST_CPU_BF16=0`` (or ``1``) overrides what ``/proc/cpuinfo`` says, so ``precision=auto``
+    behaves as on a CPU without (or with) native bf16. Together with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE``,
+    which stops oneDNN from using AVX512-BF16, this emulates an older CPU (bench/busy_suite.py --no-bf16).
+    Read once per process.
+    """
+    override = os.environ.get("FLORIST_CPU_BF16", "").strip().lower()
+    if override in ("0", "false", "no", "off"):
+        return False
+    if override in ("1", "true", "yes", "on"):
+        return True
+    if override:
+        raise FloristError(f"FLORIST_CPU_BF16 must be 0 or 1, got {override!r}")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -336,7 +336,9 @@ class LocalTrainer:
     ) -> ClientResult:
         cfg, model = self.cfg, self.host.model
         params = self.host.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        optimizer = torch.optim.AdamW(
+            params, lr=learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
         total = self.total_steps(len(examples))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
         # peft's dropout draws from the global RNG: seed it from the client's stream, and keep

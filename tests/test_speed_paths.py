@@ -196,3 +196,115 @@ def test_float32_redoes_in_float64_the_modules_it_cannot_certify(threads) -> Non
     assert torch.equal(r32.adapter["tie"].A, r64.adapter["tie"].A.float())
     assert torch.equal(r32.adapter["tie"].B, r64.adapter["tie"].B.float())
     assert "float64_modules" not in r64.options
+
+
+# --- MMLU loglik with a bf16 body ----------------------------------------------------------
+
+
+def test_body_in_bfloat16_swaps_the_decoder_linears_only_and_restores_them() -> None:
+    from florist.evaluation.head import body_in_bfloat16
+    from florist.models import tiny_llama
+
+    model, _ = tiny_llama(seed=2)
+    linears = {n: m.weight for n, m in model.get_decoder().named_modules() if type(m) is torch.nn.Linear}
+    head = model.lm_head.weight
+    with body_in_bfloat16(model):
+        assert torch.is_autocast_enabled("cpu")
+        for name, m in model.get_decoder().named_modules():
+            if name in linears:
+                assert m.weight.dtype == torch.bfloat16
+                assert torch.equal(m.weight, linears[name].to(torch.bfloat16))
+        assert model.lm_head.weight is head and head.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    for name, m in model.get_decoder().named_modules():
+        if name in linears:
+            assert m.weight is linears[name]
+
+
+def test_checked_precision_rescores_exactly_the_close_calls_in_float32(monkeypatch) -> None:
+    """ "checked" = the bf16-body scores, except that every question whose two best letters are closer
+    than CHECK_MARGIN carries its float32 scores, bit for bit."""
+    import florist.evaluation.mmlu as mmlu
+    from florist.models import tiny_llama
+
+    model, tok = tiny_llama(seed=3)
+    prompts = [mmlu.build_prompt(q) for q in _hand_questions()]
+    exact = mmlu.loglik_letter_scores(model, tok, prompts, batch_size=3, progress=False)
+    body = mmlu.loglik_letter_scores(model, tok, prompts, batch_size=3, progress=False, precision="bfloat16")
+    assert not torch.equal(exact, body)  # the bf16 body does change the scores
+    best = body.topk(2, -1).values
+    gaps = (best[:, 0] - best[:, 1]).tolist()
+    margin = sorted(gaps)[len(gaps) // 2]  # half the questions are "close"
+    monkeypatch.setattr(mmlu, "CHECK_MARGIN", margin)
+    checked, rescored = mmlu.checked_letter_scores(model, tok, prompts, precision="checked", batch_size=3)
+    assert rescored == [i for i, g in enumerate(gaps) if g < margin] and rescored
+    for i in range(len(prompts)):
+        # rescoring runs a subset in its own batches: float32 up to batch-shape rounding
+        if i in rescored:
+            torch.testing.assert_close(checked[i], exact[i], rtol=1e-5, atol=2e-5)
+        else:
+            assert torch.equal(checked[i], body[i])
+    monkeypatch.setattr(mmlu, "CHECK_MARGIN", float("inf"))
+    all_rescored = mmlu.loglik_letter_scores(
+        model, tok, prompts, batch_size=3, progress=False, precision="checked"
+    )
+    assert torch.equal(all_rescored, exact)
+    with pytest.raises(ValueError, match="precision"):
+        mmlu.loglik_letter_scores(model, tok, prompts, precision="int8")
+
+
+def _hand_questions() -> list:
+    from florist.evaluation.mmlu import MMLUQuestion
+
+    return [
+        MMLUQuestion("algebra", "What is 2 + 2?", ("3", "4", "5", "22"), 1),
+        MMLUQuestion("algebra", "Which is prime? " + "Think carefully. " * 6, ("4", "6", "7", "9"), 2),
+        MMLUQuestion("history", "Who crossed the Rubicon?", ("Caesar", "Cicero", "Nero", "Cato"), 0),
+        MMLUQuestion(
+            "history", "In which year did the Berlin wall fall? " * 3, ("1961", "1989", "1990", "1991"), 1
+        ),
+        MMLUQuestion(
+            "biology", "Which organelle makes ATP?", ("Nucleus", "Ribosome", "Mitochondrion", "Golgi"), 2
+        ),
+        MMLUQuestion(
+            "biology", "DNA is made of?", ("Amino acids", "Nucleotides", "Lipids", "Sugars only"), 1
+        ),
+    ]
+
+
+def test_checked_predictions_equal_float32_on_real_mmlu_with_smollm2(mmlu_subset) -> None:
+    """On a stratified part of the 1,444 questions the checked precision (bf16 body) predicts exactly
+    what float32 does, and the bf16 body moves no gap between two letters by CHECK_MARGIN or more:
+    the assumption "checked" rests on (bench/evaluation.py checks all 1,444)."""
+    from florist.evaluation.mmlu import CHECK_MARGIN, checked_letter_scores, load_mmlu, prepare_questions
+    from florist.evaluation.mmlu import loglik_letter_scores as scores_of
+    from florist.models import load_model
+
+    model, tok = load_model("smollm2-135m", device="cpu")
+    # 8 questions: bf16 matmuls are slow on a CPU without native bf16, and this runs three passes.
+    _, prompts = prepare_questions(
+        load_mmlu(mmlu_subset), batch_size=8, seed=7, max_questions=8, kshot=0, dev=None
+    )
+    exact = scores_of(model, tok, prompts, progress=False)
+    body = scores_of(model, tok, prompts, progress=False, precision="bfloat16")
+    shift = ((body[:, :, None] - body[:, None, :]) - (exact[:, :, None] - exact[:, None, :])).abs().amax()
+    assert shift < CHECK_MARGIN
+    checked, rescored = checked_letter_scores(model, tok, prompts, precision="checked", progress=False)
+    assert torch.equal(checked.argmax(-1), exact.argmax(-1))
+    best = body.topk(2, -1).values
+    assert rescored == torch.nonzero(best[:, 0] - best[:, 1] < CHECK_MARGIN).flatten().tolist()
+    assert len(rescored) < len(prompts)
+
+
+def test_evaluate_mmlu_reports_its_precision_and_what_it_rescored() -> None:
+    from florist.evaluation.mmlu import evaluate_mmlu
+    from florist.models import tiny_llama
+
+    model, tok = tiny_llama(seed=3)
+    questions = _hand_questions()
+    checked = evaluate_mmlu(model, tok, questions, precision="checked", progress=False)
+    reference = evaluate_mmlu(model, tok, questions, progress=False)
+    assert checked["precision"] == "checked" and 0 <= checked["rescored_float32"] <= len(questions)
+    assert "rescored_float32" not in reference and reference["precision"] == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_mmlu(model, tok, questions, precision="half")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16")  # torch dtype names; torch is imported when the command runs
 SCORERS = ("loglik", "generate", "both")
+LOGLIK_PRECISIONS = ("float32", "checked", "bfloat16")  # florist.evaluation.mmlu.PRECISIONS (no torch import)
 # Every flag's type and range, checked by florist.settings.check_args (one line naming the flag).
 FLAGS = {
     "--scorer": Setting(str, choices=SCORERS),
@@ -45,6 +46,7 @@ FLAGS = {
     "--cutoff_len": Setting(int, low=1),
     "--device": Setting(str, pattern=DEVICE_PATTERN, described=DEVICE_WORDS),
     "--dtype": Setting(str, choices=DTYPES),
+    "--loglik_precision": Setting(str, choices=LOGLIK_PRECISIONS),
     "--seed": Setting(int, low=0),
 }
 
@@ -81,6 +83,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff_len", "--cutoff-len", default=512, help="held-out truncation")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument(
+        "--loglik_precision",
+        "--loglik-precision",
+        default="float32",
+        help="float32 model only: 'checked' runs the decoder's linears in bf16 (fast on a CPU with native "
+        "bf16) and rescores in float32 every question whose two best letters are close; 'bfloat16' "
+        "does not rescore (default: %(default)s)",
+    )
     p.add_argument("--seed", default=42)
     p.add_argument("--predictions", action="store_true", help="also write every question's prediction")
     p.add_argument(
@@ -275,6 +285,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 kshot=args.kshot,
                 dev=dev,
                 return_predictions=args.predictions,
+                **({"precision": args.loglik_precision} if scorer == "loglik" else {}),
             )
         if args.lm_eval:
             from florist.evaluation.harness import evaluate_mmlu_lm_eval

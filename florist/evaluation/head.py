@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +39,23 @@ class LMHead:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+@contextlib.contextmanager
+def body_in_bfloat16(model: PreTrainedModel) -> Iterator[None]:
+    """Run the decoder's linear layers in bfloat16: bf16 copies of their float32 weights (cast
+    once, not on every call as autocast alone would) and autocast for their inputs. The residual
+    stream, norms and softmax stay float32, as autocast leaves them, and so does the LM head when
+    applied through ``LMHead``. The original weights come back afterwards."""
+    swapped = []
+    for module in model.get_decoder().modules():
+        w = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and w is not None and w.dtype == torch.float32:
+            swapped.append((module, w))
+            module.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    try:
+        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for module, w in swapped:
+            module.weight = w

@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from florist.data import padded_width
 from florist.errors import FloristError
-from florist.evaluation.head import LMHead
+from florist.evaluation.head import LMHead, body_in_bfloat16
 from florist.progress import bar_disabled
 
 LETTERS = ("A", "B", "C", "D")
@@ -42,6 +42,15 @@ ANSWER_PREFIX = "The answer is: "
 GENERATE_KWARGS = {"temperature": 0.2, "top_p": 0.6, "top_k": 30}
 GENERATE_MAX_NEW_TOKENS = 32
 SCORERS = ("loglik", "generate")
+# How loglik runs the model: float32 throughout (the default); "checked": the decoder in bfloat16
+# with the head in float32, and every question whose leading letter is ahead by less than
+# CHECK_MARGIN rescored in float32; "bfloat16": the same without the rescoring (predictions may
+# differ from float32's; bench/evaluation.py counts them).
+PRECISIONS = ("float32", "checked", "bfloat16")
+# Nats between the two best letters below which a bf16-body score is redone in float32. On the
+# 1,444 questions with SmolLM2-135M the bf16 body moved the gap between two letters' log-
+# probabilities by at most MEASURED (bench/evaluation.py measures it on every run).
+CHECK_MARGIN = 0.25
 # Shorter shared prompt beginnings are not worth a KV cache of their own.
 MIN_SHARED_PREFIX = 16
 
@@ -383,8 +392,64 @@ def _suffix_batch(
     return ids, full_mask, positions
 
 
-@torch.inference_mode()
 def loglik_letter_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    precision: str = "float32",
+    **options: Any,
+) -> torch.Tensor:
+    """(N, 4) log-probabilities of the tokens A/B/C/D after each prompt (prompts end in "The answer is: ").
+
+    ``options``: batch_size (8), max_length, groups, share_prefix (True), progress. Prompts are
+    batched within ``groups`` (e.g. the subject, whose k-shot exemplars they share), shortest
+    first. With ``share_prefix``, the tokens all prompts of a group begin with (the Alpaca
+    preamble; the exemplars) go through the model once, and every batch of the group continues
+    from that KV cache: the same numbers, less compute. ``precision``: see ``PRECISIONS`` (and
+    ``checked_letter_scores``, which also says which questions were rescored).
+    """
+    return checked_letter_scores(model, tokenizer, prompts, precision=precision, **options)[0]
+
+
+def checked_letter_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    precision: str = "float32",
+    groups: Sequence[Hashable] | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, list[int]]:
+    """``loglik_letter_scores`` at ``precision``, and the indices of the prompts rescored in float32.
+
+    A bf16 body changes the letters' log-probabilities a little; only close calls can change the
+    answer. "checked" therefore keeps a bf16-body score when its best letter leads the next by at
+    least ``CHECK_MARGIN`` and rescores the rest in float32. A model that is not float32 runs as it is.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32" or next(model.parameters()).dtype != torch.float32:
+        return _letter_scores(model, tokenizer, prompts, groups=groups, progress=progress, **kwargs), []
+    with body_in_bfloat16(model):
+        scores = _letter_scores(model, tokenizer, prompts, groups=groups, progress=progress, **kwargs)
+    if precision == "bfloat16":
+        return scores, []
+    best = scores.topk(2, dim=-1).values
+    close = torch.nonzero(best[:, 0] - best[:, 1] < CHECK_MARGIN).flatten().tolist()
+    if close:
+        sub_groups = [groups[i] for i in close] if groups is not None else None
+        redone = _letter_scores(
+            model, tokenizer, [prompts[i] for i in close], groups=sub_groups, progress=progress, **kwargs
+        )
+        with torch.inference_mode():  # scores is an inference tensor
+            scores[close] = redone
+    return scores, close
+
+
+@torch.inference_mode()
+def _letter_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -395,13 +460,6 @@ def loglik_letter_scores(
     share_prefix: bool = True,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """(N, 4) log-probabilities of the tokens A/B/C/D after each prompt (prompts end in "The answer is: ").
-
-    Prompts are batched within ``groups`` (e.g. the subject, whose k-shot exemplars they share),
-    shortest first. With ``share_prefix``, the tokens all prompts of a group begin with (the
-    Alpaca preamble; the exemplars) go through the model once, and every batch of the group
-    continues from that KV cache: the same numbers, less compute.
-    """
     merged, letter_ids = letter_token_ids(tokenizer)
     contexts = [p[:-1] if merged and p.endswith(" ") else p for p in prompts]
     encoded = _encode(tokenizer, contexts, max_length)
@@ -522,14 +580,18 @@ def evaluate_mmlu(
     return_predictions: bool = False,
     share_prefix: bool = True,
     progress: bool | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """MMLU accuracy of ``model`` (plain or peft-wrapped, on its own device) with one scorer.
 
     ``share_prefix`` (loglik): run the prompts' common beginning once per subject (see
     :func:`loglik_letter_scores`); False recomputes it for every question, with the same scores.
+    ``precision`` (loglik): ``PRECISIONS``; "checked" reports how many questions it rescored.
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     questions, prompts = prepare_questions(
         questions, batch_size=batch_size, seed=seed, max_questions=max_questions, kshot=kshot, dev=dev
     )
@@ -543,10 +605,11 @@ def evaluate_mmlu(
     start = time.perf_counter()
     try:
         if scorer == "loglik":
-            scores = loglik_letter_scores(
+            scores, rescored = checked_letter_scores(
                 model,
                 tokenizer,
                 prompts,
+                precision=precision,
                 batch_size=batch_size,
                 max_length=max_length,
                 groups=[q.subject for q in questions] if kshot else None,
@@ -578,6 +641,9 @@ def evaluate_mmlu(
     if scorer == "loglik":
         counts = Counter(outputs)
         result["predicted_letters"] = {letter: counts.get(letter, 0) for letter in LETTERS}
+        result["precision"] = precision
+        if precision == "checked":
+            result["rescored_float32"] = len(rescored)
     if return_predictions:
         result["predictions"] = [
             {"subject": q.subject, "answer": q.letter, "output": o, "correct": c}
