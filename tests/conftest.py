@@ -127,3 +127,21 @@ def flower_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="session")
+def flower_federation(tmp_path_factory: pytest.TempPathFactory):
+    """One SuperLink and three SuperNodes on the tiny data set, shared by the tests that only run
+    apps on them (each run is its own Flower run): (federation, root, data, app project)."""
+    from test_flower import start_federation
+    from test_flower_strategy import write_tiny_data
+
+    from florist.flower.app_config import write_app_project
+
+    root = tmp_path_factory.mktemp("flower")
+    data = write_tiny_data(root / "data")
+    app = write_app_project(root / "app")
+    with start_federation(root / "processes", data) as fed:
+        yield fed, root, data, app
+    # teardown: no Flower process of ours survives
+    assert all(not p.alive() for p in fed.supernodes + [fed.superlink])

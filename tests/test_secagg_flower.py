@@ -12,29 +12,26 @@ coordinate of the average is off by less than m * 16 / 2**22 / sum_k (n_k / max_
 from __future__ import annotations
 
 import pytest
-from test_flower import RUN_TIMEOUT, flower_run, start_federation
-from test_flower_strategy import tiny_config, write_tiny_data
+from test_flower import RUN_TIMEOUT, flower_run
+from test_flower_strategy import tiny_config
 from test_privacy import assert_within_secagg_bound
 
 from florist.federation import run_federated
-from florist.flower.app_config import FlowerOptions, write_app_project
+from florist.flower.app_config import FlowerOptions
 from florist.models import tiny_llama
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 
-def test_fedit_with_secure_aggregation_equals_in_process_fedit(tmp_path):
-    data = write_tiny_data(tmp_path / "data")
-    app = write_app_project(tmp_path / "app")
+def test_fedit_with_secure_aggregation_equals_in_process_fedit(flower_federation, tmp_path):
+    fed, _, data, app = flower_federation  # its teardown checks that no Flower process survives
     cfg = tiny_config(data, tmp_path / "inproc", "fedit", heter=False, rounds=1)
     model, tokenizer = tiny_llama(seed=0)
     expected = run_federated(cfg, model=model, tokenizer=tokenizer)
 
     fcfg = tiny_config(data, tmp_path / "flower", "fedit", heter=False, rounds=1, secure_aggregation=True)
-    with start_federation(tmp_path / "processes", data) as fed:
-        options = FlowerOptions(round_timeout=RUN_TIMEOUT, node_wait_timeout=RUN_TIMEOUT)
-        metrics = flower_run(fed, app, fcfg, options)
-    assert all(not p.alive() for p in fed.supernodes + [fed.superlink])
+    options = FlowerOptions(round_timeout=RUN_TIMEOUT, node_wait_timeout=RUN_TIMEOUT)
+    metrics = flower_run(fed, app, fcfg, options)
 
     sizes = [s["num_examples"] for s in expected["rounds"][0]["client_stats"].values()]
     worst, bound = assert_within_secagg_bound(
