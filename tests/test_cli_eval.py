@@ -52,8 +52,12 @@ def make_adapter(ws: dict[str, Path]) -> tuple[Path, object, object]:
     from peft import LoraConfig, get_peft_model
 
     base, tok = load_model(str(ws["model"]), device="cpu")
+    # Seeded, and scaled up (alpha 64 over r 4): the tiny random model's loss is near ln(vocab)
+    # whatever it is fed, and an adapter drawn from whatever state earlier tests left the global
+    # RNG in once moved it by less than the tolerance the tests use to tell it from the base.
+    torch.manual_seed(0)
     peft_model = get_peft_model(
-        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
     peft_model.save_pretrained(ws["root"] / "adapter")  # records base_model_name_or_path = the tiny dir
     return ws["root"] / "adapter", peft_model.eval(), tok
@@ -96,7 +100,7 @@ def test_eval_adapter_and_run_directory(workspace) -> None:
     got = results["mmlu"]["loglik"]
     assert [p["output"] for p in got["predictions"]] == [p["output"] for p in expected["predictions"]]
     assert results["heldout"]["loss"] == pytest.approx(expected_loss, rel=1e-4)
-    assert results["heldout"]["loss"] != pytest.approx(base_loss, rel=1e-4)  # the adapter was applied
+    assert abs(results["heldout"]["loss"] - base_loss) > 1e-2  # the adapter was applied
 
     # A run directory: the run's config says where its MMLU and held-out files are.
     run = workspace["root"] / "run"
