@@ -64,27 +64,16 @@ class Loaded:
 
 def load_for_generation(target: str, *, base: str | None = None, device: str = "auto") -> Loaded:
     """TARGET as ``florist eval`` reads it: a model, a PEFT adapter directory or a run directory."""
-    from florist.cli.eval import resolve_target
+    from florist.cli.eval import apply_adapter, resolve_target
     from florist.models import load_model
 
     resolved = resolve_target(target, base)
     model, tokenizer = load_model(resolved.base, device=device)
     if resolved.adapter is None:
         return Loaded(model, tokenizer, resolved, has_adapter=False)
-    from peft import PeftModel
-
-    from florist.adapters import read_peft_adapter
-
-    # Validate first (safetensors only, finite, shapes match this base), then let PEFT apply it.
-    shapes = {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }
-    read_peft_adapter(resolved.adapter, expected_shapes=shapes)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, str(resolved.adapter), is_trainable=False)
+        peft_model = apply_adapter(model, resolved.adapter)
     peft_model.eval()
     return Loaded(peft_model, tokenizer, resolved, has_adapter=True)
 

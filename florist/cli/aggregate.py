@@ -32,7 +32,7 @@ from florist.adapter_files import (
 )
 from florist.config import ALL_METHODS
 from florist.io import resolve_path
-from florist.settings import Setting, check_args, clip, one_line_errors
+from florist.settings import Setting, check_args, clip
 
 # torch, the aggregators and the adapter reader are imported when the command runs, so that
 # `--help` and argument errors answer at once; aggregating never imports peft or transformers.
@@ -96,7 +96,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default=None, help="base_model_name_or_path for the output config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing florist aggregate output")
     p.set_defaults(func=run_aggregate)
-    one_line_errors(p)
 
 
 # --- argument checks -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 from typing import Any, TextIO
 
 from florist.cli.generate import SAMPLING_FLAGS, add_sampling_flags, sampling_from
-from florist.settings import check_args, one_line_errors
+from florist.settings import check_args
 
 PROMPT = "you> "
 ANSWER = "assistant> "
@@ -30,7 +30,6 @@ def add_parser(subparsers: Any) -> None:
     add_sampling_flags(p)
     p.add_argument("--system", default=None, help="a system message that opens every conversation")
     p.set_defaults(func=run)
-    one_line_errors(p)
 
 
 def run(args: argparse.Namespace) -> int:

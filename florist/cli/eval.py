@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import florist
 from florist.errors import FloristError
 from florist.io import atomic_write_json, resolve_path
-from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args, one_line_errors
+from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a model, PEFT adapter or run on MMLU and held-out instruction data",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
-    )
+    add_target_flags(p)
     p.add_argument(
         "--mmlu", default=None, help="MMLU: the 1,444-question subset file or a full MMLU directory"
     )
@@ -74,9 +72,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--heldout", default=None, help="held-out instruction data (e.g. dolly/8/global_test.json)"
     )
     p.add_argument("--max_heldout", "--max-heldout", default=None, help="use the first N held-out records")
-    p.add_argument(
-        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
-    )
     p.add_argument("--out", default="eval_results.json", help="JSON results file (default: %(default)s)")
     p.add_argument("--kshot", default=0, help="k solved dev/ exemplars before each question")
     p.add_argument("--batch_size", "--batch-size", default=8)
@@ -100,7 +95,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also score MMLU with lm-evaluation-harness (pip install 'florist[lmeval]'), from local files",
     )
     p.set_defaults(func=run_eval)
-    one_line_errors(p)
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """TARGET and --base, as eval, generate, chat and export take them."""
+    p.add_argument(
+        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
+    )
+    p.add_argument(
+        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
+    )
 
 
 # --- what is being evaluated ---------------------------------------------------------------
@@ -148,30 +152,33 @@ def resolve_target(target: str, base: str | None = None) -> Target:
     return Target("model", target)
 
 
-def load_target(target: Target, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def apply_adapter(model: Any, adapter: Path) -> Any:
+    """``model`` with the PEFT adapter ``adapter`` on top, unmerged. Validated first (safetensors
+    only, finite, shapes match this base model), then PEFT applies it, so rank_pattern and
+    alpha_pattern mean exactly what they mean to PEFT."""
     import torch
+    from peft import PeftModel
 
+    from florist.adapters import read_peft_adapter
+
+    shapes = {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    read_peft_adapter(adapter, expected_shapes=shapes)
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+
+
+def load_target(target: Target, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """The model with the adapter folded in, and its tokenizer."""
     from florist.models import load_model
 
     model, tokenizer = load_model(target.base, device=device, dtype=dtype)
     if target.adapter is None:
         return model, tokenizer
-    from peft import PeftModel
-
-    from florist.adapters import read_peft_adapter
-
-    # Validate first (safetensors only, finite, shapes match this base model), then let PEFT
-    # apply it, so rank_pattern/alpha_pattern mean exactly what they mean to PEFT.
-    shapes = {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }
-    read_peft_adapter(target.adapter, expected_shapes=shapes)
-    peft_model = PeftModel.from_pretrained(model, str(target.adapter), is_trainable=False)
     # Folding the update into the weights makes evaluation as fast as the base model.
-    return peft_model.merge_and_unload(), tokenizer
+    return apply_adapter(model, target.adapter).merge_and_unload(), tokenizer
 
 
 # --- data --------------------------------------------------------------------------------------

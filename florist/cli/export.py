@@ -20,8 +20,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from florist.cli.eval import add_target_flags
 from florist.errors import FloristError
-from florist.settings import Setting, check_args, one_line_errors
+from florist.settings import Setting, check_args
 
 FORMATS = ("hf", "gguf")
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -35,18 +36,12 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
-    )
+    add_target_flags(p)
     p.add_argument("--format", required=True, help="hf or gguf")
     p.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     p.add_argument("--outtype", default="f16", help="gguf: f32, f16 (default) or q8_0")
-    p.add_argument(
-        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
-    )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
-    one_line_errors(p)
 
 
 def run(args: argparse.Namespace) -> int:

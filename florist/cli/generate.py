@@ -18,8 +18,9 @@ import argparse
 import json
 from typing import Any
 
+from florist.cli.eval import add_target_flags
 from florist.errors import FloristError
-from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args, one_line_errors
+from florist.settings import DEVICE_PATTERN, DEVICE_WORDS, Setting, check_args
 
 # Every flag's type and range, checked by florist.settings.check_args (one line naming the flag).
 SAMPLING_FLAGS = {
@@ -38,12 +39,7 @@ FLAGS = {
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Target, device and sampling flags, shared with ``florist chat``."""
-    p.add_argument(
-        "target", metavar="TARGET", help="model name/dir/.gguf, PEFT adapter dir, or run output dir"
-    )
-    p.add_argument(
-        "--base", default=None, help="base model for an adapter (default: the adapter's own record)"
-    )
+    add_target_flags(p)
     p.add_argument(
         "--max_new_tokens", "--max-new-tokens", default=256, help="answer length cap (default: 256)"
     )
@@ -76,7 +72,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max_records", "--max-records", default=None, help="the first N input records")
     p.add_argument("--batch_size", "--batch-size", default=8, help="prompts per batch (default: 8)")
     p.set_defaults(func=run)
-    one_line_errors(p)
 
 
 def sampling_from(args: argparse.Namespace) -> Any:

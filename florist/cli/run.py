@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from florist.config import RunConfig, run_settings
-from florist.settings import COMMAND_LINE, one_line_errors
+from florist.settings import COMMAND_LINE
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--config", help="YAML file of RunConfig settings; flags override it")
     add_config_flags(parser)
     parser.set_defaults(func=run)
-    one_line_errors(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,14 +66,6 @@ def run(args: argparse.Namespace) -> int:
 # --- the end-of-run table, shared by run, demo and main.py -----------------------------------
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n}"
-
-
 def _eval_cells(ev: dict[str, Any]) -> tuple[str, str, str]:
     held = ev.get("heldout") or {}
     mmlu = ev.get("mmlu") or {}
@@ -86,6 +77,8 @@ def _eval_cells(ev: dict[str, Any]) -> tuple[str, str, str]:
 
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short plain-text table of a run's metrics."""
+    from florist.report import human_bytes, per_client_bytes
+
     cfg = metrics.get("config", {})
     tau = f" (tau={metrics['threshold']})" if metrics.get("threshold") is not None else ""
     lines = [
@@ -94,14 +87,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"{'round':>5} {'clients':>7} {'global rank':>11} {'Eff':>10} {'up/client':>11} {'down/client':>11}",
     ]
     for r in metrics["rounds"]:
-        comm = r["communication"]
-        per_client = comm.get("clients", {})
-        n = max(len(per_client), 1)
-        up = sum(c.get("bytes_up", 0) for c in per_client.values()) / n
-        down = sum(c.get("bytes_down", 0) for c in per_client.values()) / n
+        down, up = per_client_bytes(r["communication"])
         lines.append(
             f"{r['round']:>5} {len(r['clients']):>7} {sum(r['ranks'].values()):>11} {r['eff']:>10.3e} "
-            f"{_fmt_bytes(up):>11} {_fmt_bytes(down):>11}"
+            f"{human_bytes(up):>11} {human_bytes(down):>11}"
         )
     lines.append(f"Eff total: {metrics['eff_total']:.4e}")
     dp = metrics.get("privacy")

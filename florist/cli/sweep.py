@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from florist.cli.run import add_config_flags, config_from_args
-from florist.settings import Setting, check_args, one_line_errors
+from florist.settings import Setting, check_args
 
 HETER_CHOICES = {"both": (False, True), "true": (True,), "false": (False,)}
 SELECT_BY = ("auto", "mmlu", "heldout", "loss")
@@ -90,7 +90,6 @@ def add_parser(subparsers: Any) -> None:
         "--no-report", dest="report", action="store_false", help="skip the plots and report.md"
     )
     parser.set_defaults(func=run)
-    one_line_errors(parser)
 
 
 def run(args: argparse.Namespace) -> int:
