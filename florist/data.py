@@ -340,9 +340,9 @@ def subset_records(records: list[dict], client_index: int, max_samples: int, see
     return [records[i] for i in keep]
 
 
-def find_test_file(data_path: str | Path, num_clients: int) -> Path | None:
-    """``data_path/K/global_test.json`` when it exists."""
-    path = Path(data_path) / str(num_clients) / "global_test.json"
+def find_test_file(data_path: str | Path, num_clients: int, name: str = "global_test.json") -> Path | None:
+    """``data_path/K/global_test.json`` (or another file of the split) when it exists."""
+    path = Path(data_path) / str(num_clients) / name
     return path if path.is_file() else None
 
 

@@ -41,8 +41,8 @@ from florist.evaluation.evaluator import Evaluator
 from florist.io import atomic_directory, output_lock
 from florist.progress import bar_disabled
 from florist.rounds import (
+    ClientTask,
     Method,
-    RoundOutcome,
     RoundRecorder,
     ServerState,
     close_simulated,
@@ -79,21 +79,29 @@ class ClientSetup:
     tokenizer: Any
     trainer: Any  # florist.training.LocalTrainer
     prompter: Any
-    records: list[list[dict]]
+    records: list[list[dict]] | dict[int, list[dict]]  # by client index (a Flower node: its own)
     cfg: RunConfig
     tokenized: dict[int, list[dict]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> ClientSetup:
-        """Data first (its errors surface before the slow model load), then the model."""
+    def load(
+        cls, cfg: RunConfig, model: Any = None, tokenizer: Any = None, records: Any = None
+    ) -> ClientSetup:
+        """Data first (its errors surface before the slow model load), then the model. ``records``
+        (by client index): the clients' records, when they are not the paper's layout at
+        ``cfg.data_path``."""
         from florist import data
         from florist.lora import LoraHost
         from florist.models import load_model
         from florist.training import LocalTrainer, TrainConfig
 
-        records = data.load_client_datasets(
-            cfg.data_path, cfg.num_clients, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
-        )
+        if records is None:
+            records = data.load_client_datasets(
+                cfg.data_path,
+                cfg.num_clients,
+                max_samples_per_client=cfg.max_samples_per_client,
+                seed=cfg.seed,
+            )
         if model is None:
             model, tokenizer = load_model(cfg.global_model, device=cfg.device)
         elif tokenizer is None:
@@ -101,7 +109,7 @@ class ClientSetup:
         host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
         device = next(model.parameters()).device
         trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), device)
-        return cls(host, tokenizer, trainer, data.Prompter(cfg.prompt_template_name), list(records), cfg)
+        return cls(host, tokenizer, trainer, data.Prompter(cfg.prompt_template_name), records, cfg)
 
     def examples(self, k: int) -> list[dict]:
         from florist import data
@@ -116,6 +124,27 @@ class ClientSetup:
                 desc=f"tokenizing client_{k}",
             )
         return self.tokenized[k]
+
+    def train(
+        self,
+        method: Method,
+        server: ServerState,
+        rnd: int,
+        *,
+        keep_start: bool,
+        desc: str,
+        progress: bool | None = None,
+    ) -> list[tuple[ClientTask, Any]]:
+        """Round ``rnd``'s sampled clients in order, each trained from where it starts: what
+        ``server`` last sent it, with its own local factors (``Method.start``)."""
+        fresh = functools.partial(fresh_lora, self.host)
+        trained = []
+        for task in tqdm(method.plan(rnd), desc=desc, leave=False, disable=bar_disabled(progress)):
+            cid = task.client_id
+            start = method.start(task, server.continuation(cid), server.client_state.get(cid), fresh)
+            result = run_client(self.trainer, task, self.examples(task.index), start, keep_start=keep_start)
+            trained.append((task, result))
+        return trained
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -150,10 +179,6 @@ def run_federated(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     cfg.validate()
     if cfg.secure_aggregation:
         raise ConfigError(privacy.IN_PROCESS_SECAGG)
-    if cfg.client_selection_strategy != "random":
-        raise ConfigError(
-            f"client_selection_strategy must be 'random', got {cfg.client_selection_strategy!r}"
-        )
     with output_lock(cfg.output_dir):
         return _run_federated(cfg, model=model, tokenizer=tokenizer)
 
@@ -173,8 +198,13 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     bar = tqdm(
         range(first, rounds + 1), desc="rounds", initial=first - 1, total=rounds, disable=bar_disabled()
     )
+    keep_start = privacy.dp_enabled(cfg)  # DP measures each update from its start
     for rnd in bar:
-        outcome = _round(setup, method, server, rnd, metrics["rounds"])
+        started_round = time.perf_counter()
+        trained = setup.train(method, server, rnd, keep_start=keep_start, desc=f"round {rnd} clients")
+        outcome = close_simulated(
+            method, server, rnd, trained, history=metrics["rounds"], started=started_round
+        )
         if outcome.result.folded is not None:
             setup.host.merge_into_base(server.merged[-1])
         if evaluation_due(cfg, rnd):  # folded updates already live in the base
@@ -191,27 +221,9 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     if cfg.evaluate and local and evaluate.heldout:  # personalised clients
         from florist.personalised import evaluate_run
 
-        metrics["eval_personal"] = evaluate_run(
-            cfg, host, tokenizer, setup.prompter, server, local, setup.records, evaluate.heldout
-        )
+        metrics["eval_personal"] = evaluate_run(cfg, setup, server, local, evaluate.heldout)
     save_merged = functools.partial(_save_merged, cfg, out, server, host, tokenizer)
     return recorder.finish(server, started, also=save_merged if cfg.save_merged else None)
-
-
-def _round(
-    setup: ClientSetup, method: Method, server: ServerState, rnd: int, history: list[dict[str, Any]]
-) -> RoundOutcome:
-    """Round ``rnd``: every sampled client's start and training, in order, then the close."""
-    started = time.perf_counter()
-    fresh = functools.partial(fresh_lora, setup.host)
-    keep_start = privacy.dp_enabled(method.cfg)  # DP measures each update from its start
-    trained = []
-    for task in tqdm(method.plan(rnd), desc=f"round {rnd} clients", leave=False, disable=bar_disabled()):
-        cid = task.client_id
-        begin = method.start(task, server.continuation(cid), server.client_state.get(cid), fresh)
-        examples = setup.examples(task.index)
-        trained.append((task, run_client(setup.trainer, task, examples, begin, keep_start=keep_start)))
-    return close_simulated(method, server, rnd, trained, history=history, started=started)
 
 
 def _read_checkpoint(cfg: RunConfig, out: Path) -> CheckpointState | None:
@@ -252,7 +264,7 @@ def _begin(
             f"{checkpoint_path(out)}: {cfg.method} keeps each client's own {'/'.join(method.aggregator.local_factors)} "
             "across rounds, but the checkpoint holds no per-client state; it cannot be resumed exactly"
         )
-    server = ServerState.restored(resumed)
+    server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client, resumed.client_state)
     # Same ops in the same order as the original run, so the base is bit-identical.
     for adapter in server.merged:
         setup.host.merge_into_base(adapter)

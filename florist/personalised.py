@@ -24,11 +24,6 @@ from florist.algebra import client_id, truncate_adapter, with_local_factors
 from florist.errors import FloristError
 
 
-def local_test_file(data_path: str | Path, num_clients: int, k: int) -> Path | None:
-    path = Path(data_path) / str(num_clients) / f"local_test_{k}.json"
-    return path if path.is_file() else None
-
-
 def category_weights(train: Sequence[dict], test: Sequence[dict]) -> list[float]:
     """share of the record's category in ``train`` / number of ``test`` records of that category."""
     if not all("category" in r for r in test):
@@ -61,14 +56,14 @@ def evaluate_personal(
     ``score(adapter, records)`` returns ``heldout_loss``'s dict; ``weights`` are the p_k of the
     mean over clients.
     """
-    from florist.data import load_dataset_file
+    from florist.data import find_test_file, load_dataset_file
 
     clients: dict[str, Any] = {}
     for k, train in enumerate(client_records):
         cid = client_id(k)
         if cid not in adapters:
             continue
-        own = local_test_file(data_path, len(client_records), k)
+        own = find_test_file(data_path, len(client_records), f"local_test_{k}.json")
         if own is not None:
             records, _fmt = load_dataset_file(own)
             try:
@@ -98,18 +93,19 @@ def evaluate_personal(
 
 
 def evaluate_run(
-    cfg: Any, host: Any, tokenizer: Any, prompter: Any, server: Any, local_factors: tuple[str, ...],
-    datasets: Sequence[Sequence[dict]], global_test: Sequence[dict],
-) -> dict[str, Any]:  # fmt: skip
-    """``evaluate_personal`` after a round of ``florist run`` or the sweep, with their held-out
-    scoring: every client that has trained, with the adapter it would continue from (the last
-    broadcast, its own local factors); p_k are the data shares."""
+    cfg: Any, setup: Any, server: Any, local_factors: tuple[str, ...], global_test: Sequence[dict]
+) -> dict[str, Any]:
+    """``evaluate_personal`` after a round of ``florist run`` or the sweep (``setup``: their
+    ``florist.federation.ClientSetup``), with their held-out scoring: every client that has trained,
+    with the adapter it would continue from (the last broadcast, its own local factors); p_k are
+    the data shares."""
+    host, datasets = setup.host, setup.records
     from florist.evaluation.heldout import heldout_loss
 
     def score(adapter: Adapter, records: Sequence[dict]) -> dict[str, Any]:
         with host.use_adapter(adapter) as model:
             return heldout_loss(
-                model, tokenizer, list(records), cutoff_len=cfg.cutoff_len, prompter=prompter,
+                model, setup.tokenizer, list(records), cutoff_len=cfg.cutoff_len, prompter=setup.prompter,
                 max_records=cfg.eval_samples,
             )  # fmt: skip
 

@@ -41,6 +41,7 @@ from florist.algebra import (
     pad_adapter,
     stack_adapters,
     to_cpu,
+    total_rank,
     truncate_adapter,
     with_local_factors,
     zeros_adapter,
@@ -109,12 +110,6 @@ class ServerState:
     # Per-client state of methods with local factors (FedSA-LoRA's B_k): each client's own last
     # trained adapter, which in a real federation lives on the client.
     client_state: dict[str, Adapter] = field(default_factory=dict)
-
-    @classmethod
-    def restored(cls, checkpoint: Any) -> ServerState:
-        return cls(
-            checkpoint.merged, checkpoint.global_adapter, checkpoint.per_client, checkpoint.client_state
-        )
 
     def broadcast(self, result: GlobalResult) -> None:
         if result.folded is not None:
@@ -267,11 +262,8 @@ class Method:
     def known_start(self, server: ServerState, cid: str, rank: int) -> Adapter:
         """Client ``cid``'s start as the server knows it, to fill the factors it did not upload
         (RoLoRA's shared frozen factor). Local factors never reach the server: zeros here."""
-        start = server.continuation(cid)
-        if start is None:
-            start = self.aggregator.initial_adapter(self.shapes, rank, self.cfg.seed)
-        if start is None:
-            start = zeros_adapter(self.shapes, rank)
+        start = server.continuation(cid) or self.aggregator.initial_adapter(self.shapes, rank, self.cfg.seed)
+        start = start or zeros_adapter(self.shapes, rank)
         start = truncate_adapter(start, min(rank, min_rank(start)))
         return with_local_factors(start, None, self.aggregator.local_factors)
 
@@ -406,16 +398,22 @@ def close_round(
     aggregation_seconds = time.perf_counter() - t0
     communication = round_communication(result, updates, wire_dtype=getattr(torch, cfg.wire_dtype))
     server.broadcast(result)
-    entry = round_entry(
-        rnd,
-        {u.client_id: stats[u.client_id] for u in updates},
-        result,
-        communication,
-        aggregation_seconds=aggregation_seconds,
-        seconds=time.perf_counter() - (started if started is not None else t0),
-    )
-    entry["learning_rate"] = round_learning_rate(cfg, rnd)
-    entry["cumulative"] = cumulative_bytes(history, communication, cfg.num_clients)
+    clients = {u.client_id: stats[u.client_id] for u in updates}
+    entry: dict[str, Any] = {  # the round's record in metrics.json
+        "round": rnd,
+        "clients": list(clients),
+        "client_stats": clients,
+        "ranks": {n: int(r) for n, r in result.ranks.items()},
+        "singular_values": {
+            n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
+        },
+        "communication": communication,
+        "eff": float(paper_eff(result)),
+        "aggregation_seconds": aggregation_seconds,
+        "seconds": time.perf_counter() - (started if started is not None else t0),
+        "learning_rate": round_learning_rate(cfg, rnd),
+        "cumulative": cumulative_bytes(history, communication, cfg.num_clients),
+    }
     if privacy.dp_enabled(cfg):
         entry["privacy"] = privacy.round_privacy(cfg, [*history, entry], norms)
     entry["rejected"] = [dataclasses.asdict(r) for r in rejected]
@@ -476,31 +474,6 @@ def close_simulated(
     )
 
 
-def round_entry(
-    rnd: int,
-    stats: dict[str, Any],
-    result: GlobalResult,
-    communication: dict[str, Any],
-    *,
-    aggregation_seconds: float,
-    seconds: float,
-) -> dict[str, Any]:
-    """One round of ``metrics.json``."""
-    return {
-        "round": rnd,
-        "clients": list(stats),
-        "client_stats": stats,
-        "ranks": {n: int(r) for n, r in result.ranks.items()},
-        "singular_values": {
-            n: [float(x) for x in s.flatten().tolist()] for n, s in result.singular_values.items()
-        },
-        "communication": communication,
-        "eff": float(paper_eff(result)),
-        "aggregation_seconds": aggregation_seconds,
-        "seconds": seconds,
-    }
-
-
 def cumulative_bytes(
     history: Sequence[dict[str, Any]], communication: dict[str, Any], num_clients: int
 ) -> dict[str, Any]:
@@ -517,20 +490,6 @@ def cumulative_bytes(
         for d in ("up", "down")
     }
     return {"clients": clients, **mean}
-
-
-def run_totals(rounds: list[dict[str, Any]], final: Adapter) -> dict[str, Any]:
-    """The whole run's communication, Eff and global adapter ranks, from its rounds."""
-    eff_per_round = [r["eff"] for r in rounds]
-    return {
-        "communication_total": total_communication(rounds),
-        "eff_per_round": eff_per_round,
-        "eff_total": eff_over_rounds(eff_per_round),
-        "global_adapter": {
-            "ranks": {n: f.rank for n, f in final.items()},
-            "total_rank": sum(f.rank for f in final.values()),
-        },
-    }
 
 
 # --- the record --------------------------------------------------------------------------------
@@ -621,7 +580,12 @@ class RoundRecorder:
 
         cfg = self.cfg
         final = self.write_adapter(self.out / "adapter", server)
-        self.metrics.update(run_totals(self.metrics["rounds"], final))
+        rounds, eff_per_round = self.metrics["rounds"], [r["eff"] for r in self.metrics["rounds"]]
+        self.metrics["communication_total"] = total_communication(rounds)
+        self.metrics["eff_per_round"] = eff_per_round
+        self.metrics["eff_total"] = eff_over_rounds(eff_per_round)
+        ranks = {n: f.rank for n, f in final.items()}
+        self.metrics["global_adapter"] = {"ranks": ranks, "total_rank": total_rank(final)}
         self.metrics["privacy"] = privacy.privacy_report(cfg, self.metrics["rounds"])
         self.metrics.update(extra or {})
         self.metrics["seconds"] = time.perf_counter() - started

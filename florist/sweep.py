@@ -46,8 +46,8 @@ nats (lower is better), the sensitive choice when MMLU sits near chance.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -72,8 +72,6 @@ from florist.rounds import (
     ServerState,
     client_stats,
     close_simulated,
-    fresh_lora,
-    run_client,
 )
 
 # The paper's methods (the default), then those published after it (florist.config.NEWER_METHODS).
@@ -207,18 +205,13 @@ def table_markdown(
     def fmt_acc(v: Any) -> str:
         return "—" if v is None else f"{float(v):.4f}" if score_source == "loss" else f"{float(v):.2f}"
 
+    def line(cells: list[str], heldout: dict[str, Any] | None) -> str:
+        cells += [f"{heldout['loss']:.4f}" if heldout else "—"] if has_loss else []
+        return "| " + " | ".join(cells) + " |"
+
     if base is not None:
-        cells = [
-            "base model",
-            "",
-            fmt_acc((eval_score(base, score_source) or (None, None))[1]),
-            "",
-            "",
-            "",
-            "",
-        ]
-        cells += [f"{base['heldout']['loss']:.4f}" if base.get("heldout") else "—"] if has_loss else []
-        lines.append("| " + " | ".join(cells) + " |")
+        score = (eval_score(base, score_source) or (None, None))[1]
+        lines.append(line(["base model", "", fmt_acc(score), *[""] * 4], base.get("heldout")))
     for r in table:
         tau = f"{float(r['threshold']):.2f}" if r.get("threshold") is not None else ""
         cells = [
@@ -230,10 +223,7 @@ def table_markdown(
             human_bytes(float(r["bytes_down_per_client"])),
             human_bytes(float(r["bytes_up_per_client"])),
         ]
-        if has_loss:
-            heldout = (r.get("eval") or {}).get("heldout")
-            cells.append(f"{heldout['loss']:.4f}" if heldout else "—")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(line(cells, (r.get("eval") or {}).get("heldout")))
     return "\n".join(lines)
 
 
@@ -369,17 +359,9 @@ def train_group(
     round engine's plan, start and training under the group's first method and client init."""
     gcfg = dataclasses.replace(cfg, method=group.methods[0], client_init=group.client_init)
     method = Method(gcfg, setup.host.module_shapes)
-    fresh = functools.partial(fresh_lora, setup.host)
-    trained = []
     desc = f"training clients ({'frozen A, ' if group.frozen_A else ''}{group.client_init} init)"
-    for task in tqdm(
-        method.plan(1), desc=desc, disable=bar_disabled(None if progress else False), leave=False
-    ):
-        start = method.start(task, None, None, fresh)
-        trained.append(
-            (task, run_client(setup.trainer, task, setup.examples(task.index), start, keep_start=keep_start))
-        )
-    return trained
+    progress_bar = None if progress else False
+    return setup.train(method, ServerState(), 1, keep_start=keep_start, desc=desc, progress=progress_bar)
 
 
 def close_configuration(
@@ -391,14 +373,27 @@ def close_configuration(
     return close_simulated(Method(cfg, shapes), server, 1, trained), server
 
 
-def _setting_configs(cfg: RunConfig, heter: Sequence[bool]) -> list[tuple[str, RunConfig]]:
+def _setting_plans(
+    cfg: RunConfig, heter: Sequence[bool], methods: Sequence[str], client_init: str
+) -> list[tuple[str, RunConfig, list[TrainingGroup], dict[str, set[str]]]]:
+    """Each rank setting: its name, config, training groups and the client inits of each method."""
     out = []
     for h in heter:
         c = dataclasses.replace(cfg, heter=h)
         ranks = [c.client_rank(k) for k in range(c.num_clients)]
         name = f"heterogeneous (ranks {','.join(map(str, ranks))})" if h else f"homogeneous (r={c.lora_r})"
-        out.append((name, c))
+        allowed = HETEROGENEOUS_METHODS if h else HOMOGENEOUS_METHODS
+        plan = training_groups([m for m in methods if m in allowed], client_init)
+        out.append((name, c, plan, {m: {g.client_init for g in plan if m in g.methods} for m in methods}))
     return out
+
+
+def _with_init(row: dict[str, Any], init: str, both: bool) -> dict[str, Any]:
+    """``row`` of a method trained under ``init``; its label says so when it ran under both."""
+    row["client_init"] = init
+    if both:
+        row["label"] += f" ({init.replace('_', '-')} init)"
+    return row
 
 
 def _sweep_one_round(
@@ -419,10 +414,7 @@ def _sweep_one_round(
         tqdm.write(f"florist sweep: {note}")
     base_eval = evaluate(setup.host, setup.tokenizer, None) if evaluate.enabled else None
     settings = []
-    for name, scfg in _setting_configs(cfg, heter):
-        allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
-        plan = training_groups([m for m in methods if m in allowed], client_init)
-        inits_of = {m: {g.client_init for g in plan if m in g.methods} for m in methods}
+    for name, scfg, plan, inits_of in _setting_plans(cfg, heter, methods, client_init):
         rows: list[dict[str, Any]] = []
         singular_values: dict[str, list[float]] = {}
         training: list[dict[str, Any]] = []
@@ -482,25 +474,13 @@ def _group_rows(
         key = (method, tuple(sorted(outcome.result.ranks.items())))
         if value is None or key not in seen:
             seen[key] = evaluate(setup.host, setup.tokenizer, adapter) if evaluate.enabled else None
-        row = make_row(method, value, outcome.entry, seen[key])
-        row["client_init"] = group.client_init
+        both = len(inits_of[method]) > 1  # the method runs under both inits: say which
+        row = _with_init(make_row(method, value, outcome.entry, seen[key]), group.client_init, both)
         local = AGGREGATORS[method].local_factors
         if local and evaluate.heldout:  # FedSA-LoRA: each client's own model, as florist run scores it
             from florist.personalised import evaluate_run
 
-            row["eval_personal"] = evaluate_run(
-                mcfg,
-                setup.host,
-                setup.tokenizer,
-                setup.prompter,
-                server,
-                local,
-                setup.records,
-                evaluate.heldout,
-            )
-        both = len(inits_of[method]) > 1
-        if both:  # the method runs under both inits: say which
-            row["label"] += f" ({group.client_init.replace('_', '-')} init)"
+            row["eval_personal"] = evaluate_run(mcfg, setup, server, local, evaluate.heldout)
         if save_adapters is not None:
             write_peft_adapter(
                 save_adapters
@@ -570,9 +550,7 @@ def _sweep_rounds(
     from florist.federation import run_federated
 
     settings = []
-    for name, scfg in _setting_configs(cfg, heter):
-        allowed = HETEROGENEOUS_METHODS if scfg.heter else HOMOGENEOUS_METHODS
-        plan = training_groups([m for m in methods if m in allowed], client_init)
+    for name, scfg, plan, inits_of in _setting_plans(cfg, heter, methods, client_init):
         pairs = [(m, g.client_init) for m in methods for g in plan if m in g.methods]
         configs = [(m, init, t) for m, init in pairs for _, t in configurations([m], thresholds)]
         rows, base_eval, sv, training = [], None, {}, []
@@ -581,7 +559,7 @@ def _sweep_rounds(
             configs, desc=f"runs {name}", disable=bar_disabled(None if progress else False)
         ):
             row_key = {"method": method, "threshold": tau, "client_init": init}
-            both = sum(1 for m, _ in pairs if m == method) > 1
+            both = len(inits_of[method]) > 1
             run_cfg = dataclasses.replace(
                 configured(scfg, method, tau),
                 client_init=init,
@@ -589,11 +567,7 @@ def _sweep_rounds(
             )
             model, tokenizer = model_factory()  # a fresh base: merge methods change it in place
             metrics = run_federated(run_cfg, model=model, tokenizer=tokenizer)
-            row = _row_from_metrics(method, tau, metrics, run_cfg.output_dir)
-            row["client_init"] = init
-            if both:
-                row["label"] += f" ({init.replace('_', '-')} init)"
-            rows.append(row)
+            rows.append(_with_init(_row_from_metrics(method, tau, metrics, run_cfg.output_dir), init, both))
             base_eval = base_eval or metrics.get("eval_before")
             if swept(method) and not sv:
                 sv = (metrics["rounds"][0].get("singular_values") or {}) if metrics.get("rounds") else {}
@@ -703,14 +677,10 @@ def run_sweep(
         t0 = time.perf_counter()
         # Under DP every configuration trains and draws its own noise (florist.privacy).
         if cfg.num_communication_rounds == 1 and not privacy.dp_enabled(cfg):
-            if save_adapters:
-                with atomic_directory(out / "adapters") as adapters_tmp:
-                    settings = _sweep_one_round(
-                        cfg, methods, taus, heter, model_factory, adapters_tmp, progress, client_init
-                    )
-            else:
+            adapters = atomic_directory(out / "adapters") if save_adapters else contextlib.nullcontext()
+            with adapters as adapters_tmp:
                 settings = _sweep_one_round(
-                    cfg, methods, taus, heter, model_factory, None, progress, client_init
+                    cfg, methods, taus, heter, model_factory, adapters_tmp, progress, client_init
                 )
             mode = "single-training"
             groups = "; ".join(

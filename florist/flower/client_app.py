@@ -188,31 +188,20 @@ def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
     return load_model(name, device=cfg.device)
 
 
-def _examples(cfg: RunConfig, node: NodeSettings, tokenizer: Any) -> list[dict]:
+def _records(cfg: RunConfig, node: NodeSettings) -> list[dict]:
+    """This node's records: its own file, or its part of the paper's layout."""
     from florist import data
 
     if node.data_file:
         records, _fmt = data.load_dataset_file(node.data_file)
-        if cfg.max_samples_per_client is not None and len(records) > cfg.max_samples_per_client:
-            records = data.subset_records(records, node.partition_id, cfg.max_samples_per_client, cfg.seed)
-    else:
-        if node.data_path is None or node.num_partitions is None:
-            raise ConfigError("node config needs data-path and num-partitions (paper layout) or data-file")
-        records = data.load_client_datasets(
-            node.data_path,
-            node.num_partitions,
-            max_samples_per_client=cfg.max_samples_per_client,
-            seed=cfg.seed,
-        )[node.partition_id]
-    # Records that truncation leaves without a trained token are dropped, as in florist run.
-    return data.tokenize_dataset(
-        records,
-        tokenizer,
-        cutoff_len=cfg.cutoff_len,
-        train_on_inputs=cfg.train_on_inputs,
-        prompter=data.Prompter(cfg.prompt_template_name),
-        desc=f"tokenizing {node.client_id}",
-    )
+        if cfg.max_samples_per_client is None:
+            return records
+        return data.subset_records(records, node.partition_id, cfg.max_samples_per_client, cfg.seed)
+    if node.data_path is None or node.num_partitions is None:
+        raise ConfigError("node config needs data-path and num-partitions (paper layout) or data-file")
+    return data.load_client_datasets(
+        node.data_path, node.num_partitions, max_samples_per_client=cfg.max_samples_per_client, seed=cfg.seed
+    )[node.partition_id]
 
 
 # --- handlers ------------------------------------------------------------------------------------
@@ -242,18 +231,17 @@ def train(message: Message, context: Context) -> Message:
     import functools
 
     from florist import privacy
-    from florist.lora import LoraHost
-    from florist.models import resolve_device
+    from florist.federation import ClientSetup
     from florist.rounds import Method, client_privacy, fresh_lora, protect_upload, run_client
-    from florist.training import LocalTrainer, TrainConfig
 
     cfg, node = node_settings(context)
     config = message.content[protocol.CONFIG]
     rnd = int(config["round"])
     _hold_if_asked(dict(context.node_config), rnd)
 
-    model, tokenizer = _load_model(cfg)
-    host = LoraHost(model, list(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    # This node's own records only, trained as florist run trains client k (florist.federation).
+    setup = ClientSetup.load(cfg, *_load_model(cfg), records={node.partition_id: _records(cfg, node)})
+    host = setup.host
     shapes = host.module_shapes
     context.state[protocol.STATE_SHAPES] = ConfigRecord(
         {n: [int(s) for s in shape] for n, shape in shapes.items()}
@@ -268,9 +256,8 @@ def train(message: Message, context: Context) -> Message:
     held = _held(context.state, config, method.aggregator, shapes, node.client_id)
     received = _received(message, config, method, task.rank, held)
     start = method.start(task, received, held, functools.partial(fresh_lora, host))
-    trainer = LocalTrainer(host, tokenizer, TrainConfig.from_run_config(cfg), resolve_device(cfg.device))
     dp = privacy.dp_enabled(cfg)
-    result = run_client(trainer, task, _examples(cfg, node, tokenizer), start, keep_start=dp)
+    result = run_client(setup.trainer, task, setup.examples(node.partition_id), start, keep_start=dp)
     # What this node keeps for the next round: the factors that will not travel back to it
     # (FedSA-LoRA's own B, RoLoRA's frozen factor), as trained here, before any DP noise.
     own, own_scalings = adapter_to_record(result.update.modules, wire_dtype="float32")
@@ -298,18 +285,16 @@ def _received(
     send are this node's own (``held``) or, before it has trained, the round's common start."""
     if protocol.INIT not in message.content.array_records:
         return None
-    from florist.algebra import with_local_factors, zeros_adapter
+    from florist.rounds import ServerState
 
-    shapes = method.shapes
-    start = method.aggregator.initial_adapter(shapes, rank, method.cfg.seed) or zeros_adapter(shapes, rank)
     return record_to_adapter(
         message.content[protocol.INIT],
         message.content[protocol.INIT_SCALING],
         factors=tuple(config["init-factors"]),
         frozen_A=method.frozen_A,
-        expected_shapes=shapes,
+        expected_shapes=method.shapes,
         sender=sender,
-        fill=held or with_local_factors(start, None, method.aggregator.local_factors),
+        fill=held or method.known_start(ServerState(), "", rank),  # nothing sent yet: the common start
     )
 
 
