@@ -24,11 +24,8 @@ import torch
 from florist.aggregation.base import ClientUpdate, GlobalResult
 
 
-def _itemsize(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> int:
-    return (tensor.dtype if wire_dtype is None else wire_dtype).itemsize
-
-
-def _counter() -> dict[str, int]:
+def zero_counts() -> dict[str, int]:
+    """Parameters and bytes, each way, all zero."""
     return {"params_up": 0, "bytes_up": 0, "params_down": 0, "bytes_down": 0}
 
 
@@ -48,9 +45,9 @@ def round_communication(
 ) -> dict:
     """Parameters and bytes up and down, per client, per module and in total, plus Eff."""
     clients: dict[str, dict[str, int]] = {}
-    modules: dict[str, dict[str, int]] = {name: _counter() for name in result.ranks}
+    modules: dict[str, dict[str, int]] = {name: zero_counts() for name in result.ranks}
     for u in updates:
-        c = clients[u.client_id] = _counter()
+        c = clients[u.client_id] = zero_counts()
         sent = [(name, "up", getattr(f, k)) for name, f in u.modules.items() for k in result.uploaded_factors]
         received = result.adapter_for(u.client_id)
         sent += [
@@ -58,14 +55,12 @@ def round_communication(
         ]
         sent += [(name, "down", t) for name, f in (result.base_update or {}).items() for t in (f.A, f.B)]
         for name, direction, tensor in sent:
-            params, size = tensor.numel(), tensor.numel() * _itemsize(tensor, wire_dtype)
-            for counter in (c, modules.setdefault(name, _counter())):
+            params = tensor.numel()
+            size = params * (tensor.dtype if wire_dtype is None else wire_dtype).itemsize
+            for counter in (c, modules.setdefault(name, zero_counts())):
                 counter[f"params_{direction}"] += params
                 counter[f"bytes_{direction}"] += size
-    total = _counter()
-    for c in clients.values():
-        for key in total:
-            total[key] += c[key]
+    total = {key: sum(c[key] for c in clients.values()) for key in zero_counts()}
     return {
         "method": result.method,
         "wire_dtype": str(wire_dtype).removeprefix("torch.") if wire_dtype is not None else "native",
@@ -120,7 +115,7 @@ def shape_communication(
             raise ValueError(f"florist_rank has {len(kept)} entries for {len(module_shapes)} modules")
     factors = cls.sent_factors(round_index)  # what travels, each way
     itemsize = wire_dtype.itemsize
-    clients = [_counter() for _ in ranks]
+    clients = [zero_counts() for _ in ranks]
     rank_sum = weighted = 0.0
     for (m, n), p in zip(module_shapes, kept):
         shape = cls.broadcast_shape(ranks, p)
@@ -132,7 +127,7 @@ def shape_communication(
             clients[k]["params_down"] += shape.per_client[k] * per_rank + shape.folded * (m + n)
     for c in clients:
         c["bytes_up"], c["bytes_down"] = c["params_up"] * itemsize, c["params_down"] * itemsize
-    total = {key: sum(c[key] for c in clients) for key in _counter()}
+    total = {key: sum(c[key] for c in clients) for key in zero_counts()}
     return {
         "method": method,
         "clients": clients,

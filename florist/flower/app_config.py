@@ -13,6 +13,7 @@ Run-config keys are the ``RunConfig`` field names with dashes (``num-communicati
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,13 +88,13 @@ def run_config_from_flower(values: typing.Mapping[str, Any]) -> tuple[RunConfig,
     return RunConfig(**kwargs), options
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A TOML scalar: a boolean, a number or a basic string."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return json.dumps(str(value), ensure_ascii=False)  # JSON's escapes are TOML's too
 
 
 def app_pyproject(cfg: RunConfig | None = None, options: FlowerOptions | None = None) -> str:
@@ -124,7 +125,7 @@ def app_pyproject(cfg: RunConfig | None = None, options: FlowerOptions | None = 
         "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in run_config_values(cfg, options).items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in run_config_values(cfg, options).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -145,13 +146,13 @@ def flwr_config_toml(
         raise ValueError("a connection is either insecure or has root certificates, not both")
     lines = [
         "[superlink]",
-        f"default = {_toml_value(name)}",
+        f"default = {toml_value(name)}",
         "",
         f"[superlink.{name}]",
-        f"address = {_toml_value(address)}",
+        f"address = {toml_value(address)}",
     ]
     if insecure:
         lines.append("insecure = true")
     if root_certificates:
-        lines.append(f"root-certificates = {_toml_value(str(root_certificates))}")
+        lines.append(f"root-certificates = {toml_value(str(root_certificates))}")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from florist.errors import FloristError
-from florist.flower.app_config import flwr_config_toml
+from florist.flower.app_config import flwr_config_toml, toml_value
 
 CONNECTION = "florist-local"
 HOST = "127.0.0.1"
@@ -64,16 +64,7 @@ def _bin(name: str) -> str:
 
 
 def _node_config_arg(node_config: Mapping[str, Any]) -> str:
-    parts = []
-    for key, value in node_config.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:
-            text = json.dumps(str(value))  # a TOML basic string
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    return " ".join(f"{key}={toml_value(value)}" for key, value in node_config.items())
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -354,8 +345,4 @@ class LocalFederation:
         return self.wait(self.start_run(app_dir, run_config), timeout=timeout)
 
     def logs(self, name: str = "superlink", lines: int = 200) -> str:
-        for process in [*self.processes]:
-            if process.name == name:
-                return _tail(process.log, lines)
-        path = self.work_dir / f"{name}.log"
-        return _tail(path, lines) if path.exists() else ""
+        return _tail(self.work_dir / f"{name}.log", lines)  # "" for a process never started

@@ -59,23 +59,12 @@ def adapter_to_record(
     return arrays, scalings
 
 
-def array_nbytes(array: Array) -> int:
-    """Bytes of the tensor itself (numel x itemsize), without numpy's header."""
-    return int(math.prod(array.shape)) * np.dtype(array.dtype).itemsize
-
-
-def array_numel(array: Array) -> int:
-    return int(math.prod(array.shape))
-
-
 def record_nbytes(records: Iterable[ArrayRecord]) -> tuple[int, int]:
-    """(parameters, bytes) of every array in ``records``."""
-    params = nbytes = 0
-    for record in records:
-        for array in record.values():
-            params += array_numel(array)
-            nbytes += array_nbytes(array)
-    return params, nbytes
+    """(parameters, bytes) of every array in ``records``: the tensors themselves (numel and numel x
+    itemsize), without numpy's header."""
+    arrays = [array for record in records for array in record.values()]
+    numels = [int(math.prod(array.shape)) for array in arrays]
+    return sum(numels), sum(n * np.dtype(array.dtype).itemsize for n, array in zip(numels, arrays))
 
 
 def _decode(array: Array, where: str) -> torch.Tensor:

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from florist.comm import zero_counts
 from florist.config import ConfigError, RunConfig
 from florist.flower import protocol
 from florist.flower.app_config import FlowerOptions, run_config_from_flower
@@ -181,7 +182,7 @@ def _run_flower_server(grid: Grid, cfg: RunConfig, options: FlowerOptions) -> di
         metrics["eval_after"] = evaluation() if evaluation is not None else {}
     wire_total = {
         key: sum(r.get("wire", {}).get("total", {}).get(key, 0) for r in metrics["rounds"])
-        for key in ("params_up", "bytes_up", "params_down", "bytes_down")
+        for key in zero_counts()
     }
     nodes = {
         n.client_id: {"node_id": n.node_id, "partition_id": n.partition_id, "rank": n.rank}

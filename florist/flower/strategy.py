@@ -36,6 +36,7 @@ from flwr.supercore import log
 
 from florist import privacy
 from florist.aggregation import Adapter, ClientUpdate, GlobalResult
+from florist.comm import zero_counts
 from florist.config import RunConfig
 from florist.errors import FloristError
 from florist.flower import protocol
@@ -66,10 +67,6 @@ class NodeInfo:
     client_id: str
     rank: int
     merged_rounds: int = 0  # merged global updates this node holds
-
-
-def _counter() -> dict[str, int]:
-    return {"params_up": 0, "bytes_up": 0, "params_down": 0, "bytes_down": 0}
 
 
 class FloristStrategy(FedAvg):
@@ -170,8 +167,11 @@ class FloristStrategy(FedAvg):
 
     # --- payloads ----------------------------------------------------------------------------
 
-    def _broadcast_records(self, node: NodeInfo, round_number: int, config: ConfigRecord) -> dict[str, Any]:
-        """What ``node`` must receive before training round ``round_number`` (or finishing)."""
+    def _broadcast(
+        self, node: NodeInfo, round_number: int, config: ConfigRecord, message_type: str, group_id: str = ""
+    ) -> Message:
+        """The message with what ``node`` must receive before training round ``round_number`` (or
+        finishing), and ``config``."""
         records: dict[str, Any] = {}
         carried: list[tuple[int, ArrayRecord]] = []
         if self.server.merged:
@@ -203,13 +203,10 @@ class FloristStrategy(FedAvg):
         config.setdefault("init-factors", ["A", "B"])
         # Bytes on the wire belong to the round whose broadcast they deliver.
         for origin, arrays in carried:
-            self._count_wire(origin, node.client_id, "down", arrays)
-        return records
-
-    def _count_wire(self, round_number: int, client: str, direction: str, arrays: ArrayRecord) -> None:
-        index = round_number - 1
-        if 0 <= index < len(self.metrics["rounds"]):
-            _add_wire(self.metrics["rounds"][index], client, direction, arrays)
+            if 0 < origin <= len(self.metrics["rounds"]):
+                _add_wire(self.metrics["rounds"][origin - 1], node.client_id, "down", arrays)
+        content = RecordDict({protocol.CONFIG: config, **records})
+        return Message(content, dst_node_id=node.node_id, message_type=message_type, group_id=group_id)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -226,11 +223,7 @@ class FloristStrategy(FedAvg):
             node_config = ConfigRecord(
                 {"round": rnd, "upload-factors": upload, "own-round": self._last_trained(node.client_id)}
             )
-            records = self._broadcast_records(node, rnd, node_config)
-            content = RecordDict({protocol.CONFIG: node_config, **records})
-            message = Message(
-                content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(rnd)
-            )
+            message = self._broadcast(node, rnd, node_config, MessageType.TRAIN, group_id=str(rnd))
             messages.append(message)
             # The grid gives the message its id when it sends it; a SuperLink error reply (node
             # down) comes from the SuperLink itself and names only that id.
@@ -254,21 +247,12 @@ class FloristStrategy(FedAvg):
         # Nodes that failed the last round are probably gone; do not wait for them again.
         last = len(self.metrics["rounds"])
         failed = {f["node_id"] for f in self.failures if f["round"] == last}
-        messages = []
-        for node in self.sorted_nodes():
-            if node.node_id not in connected or node.node_id in failed:
-                continue
-            config = ConfigRecord({"round": len(self.metrics["rounds"]) + 1})
-            records = self._broadcast_records(node, len(self.metrics["rounds"]) + 1, config)
-            content = RecordDict({protocol.CONFIG: config, **records})
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=node.node_id,
-                    message_type=f"{MessageType.TRAIN}.{protocol.FINALIZE_ACTION}",
-                )
-            )
-        return messages
+        action = f"{MessageType.TRAIN}.{protocol.FINALIZE_ACTION}"
+        return [
+            self._broadcast(node, last + 1, ConfigRecord({"round": last + 1}), action)
+            for node in self.sorted_nodes()
+            if node.node_id in connected and node.node_id not in failed
+        ]
 
     def absorb_final_replies(self, replies: Iterable[Message]) -> None:
         for reply in replies:
@@ -312,11 +296,11 @@ class FloristStrategy(FedAvg):
         )
         if self.cfg.secure_aggregation:  # the upload stays on the node until SecAgg+ masks it
             self.reply_scalings[node.client_id] = dict(content[protocol.UPDATE_SCALING])
-            node.merged_rounds = int(stats["merged-rounds"])
-            return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules={})
-        modules = self.decode_upload(
-            content[protocol.UPDATE], content[protocol.UPDATE_SCALING], node, rnd, sender
-        )
+            modules = {}
+        else:
+            modules = self.decode_upload(
+                content[protocol.UPDATE], content[protocol.UPDATE_SCALING], node, rnd, sender
+            )
         node.merged_rounds = int(stats["merged-rounds"])
         return ClientUpdate(client_id=node.client_id, num_examples=int(n), modules=modules)
 
@@ -380,9 +364,10 @@ class FloristStrategy(FedAvg):
         updates: dict[int, ClientUpdate] = {}
         stats: dict[str, dict[str, Any]] = {}
         uploads: dict[str, ArrayRecord] = {}
-        replies = list(replies)
+        answered = set()
         for reply in replies:
             node_id = self._replier(reply)
+            answered.add(node_id)
             if reply.has_error():
                 # From the SuperLink itself: the node went down (no heartbeat) or its reply expired.
                 by_link = node_id != reply.metadata.src_node_id
@@ -402,7 +387,6 @@ class FloristStrategy(FedAvg):
         missing = sorted(
             self.nodes[n].client_id for n in self.sent if self.nodes[n].partition_id not in updates
         )
-        answered = {self._replier(reply) for reply in replies}
         for node_id in self.sent:
             if node_id not in answered:
                 self._failure(rnd, node_id, "no reply within the round timeout (node down or too slow)")
@@ -425,7 +409,7 @@ class FloristStrategy(FedAvg):
     ) -> tuple[None, MetricRecord]:
         """Record the closed round: the bytes that crossed the wire up, metrics, checkpoint."""
         self.last_result = outcome.result
-        entry = outcome.entry | {"wire": {"clients": {}, "total": _counter()}}
+        entry = outcome.entry | {"wire": {"clients": {}, "total": zero_counts()}}
         for client, arrays in uploads.items():
             if client in entry["client_stats"]:
                 _add_wire(entry, client, "up", arrays)
@@ -456,9 +440,9 @@ class FloristStrategy(FedAvg):
 
 def _add_wire(entry: dict[str, Any], client: str, direction: str, arrays: ArrayRecord) -> None:
     """Count ``arrays`` into a round record's ``wire`` section, for ``client`` and in total."""
-    wire = entry.setdefault("wire", {"clients": {}, "total": _counter()})
+    wire = entry.setdefault("wire", {"clients": {}, "total": zero_counts()})
     params, nbytes = record_nbytes([arrays])
-    for counter in (wire["clients"].setdefault(client, _counter()), wire["total"]):
+    for counter in (wire["clients"].setdefault(client, zero_counts()), wire["total"]):
         counter[f"params_{direction}"] += params
         counter[f"bytes_{direction}"] += nbytes
 
