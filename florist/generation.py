@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from florist.errors import FloristError
+from florist.evaluation.head import eval_mode
 from florist.progress import bar_disabled
 
 
@@ -166,12 +167,10 @@ def generate(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
     bar = tqdm(
         total=len(prompts), desc="generating", unit="prompt", disable=bar_disabled(progress), leave=False
     )
-    try:
+    with eval_mode(model), bar:
         for b, start in enumerate(range(0, len(order), batch_size)):
             rows = order[start : start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], pad_id)
@@ -188,9 +187,6 @@ def generate(
                 cut = next((t for t, token in enumerate(new) if token in stops), len(new))
                 answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
             bar.update(len(rows))
-    finally:
-        bar.close()
-        model.train(was_training)
     return answers
 
 

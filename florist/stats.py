@@ -68,13 +68,12 @@ def paired_bootstrap_ci(
     level: float = LEVEL,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Interval of mean_a - mean_b (token-weighted) for two models scored on the same records."""
-    a, b, weights = _as_tensor(loss_sums_a), _as_tensor(loss_sums_b), _as_tensor(tokens)
-    if not (a.shape == b.shape == weights.shape):
+    """Interval of mean_a - mean_b (token-weighted) for two models scored on the same records:
+    the bootstrap of the per-record differences."""
+    a, b = _as_tensor(loss_sums_a), _as_tensor(loss_sums_b)
+    if not (a.shape == b.shape == _as_tensor(tokens).shape):
         raise ValueError("paired bootstrap: both models must be scored on the same records")
-    idx = _resample_indices(len(a), resamples, seed)
-    total = weights[idx].sum(1)
-    return _percentiles((a[idx].sum(1) - b[idx].sum(1)) / total, level)
+    return bootstrap_ci(a - b, tokens, resamples=resamples, level=level, seed=seed)
 
 
 def heldout_records(evaluation: dict | None) -> tuple[list[float], list[int]]:

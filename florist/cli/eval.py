@@ -229,14 +229,6 @@ def find_inputs(
     return mmlu_path, heldout_path, notes
 
 
-def _load_heldout(path: Path) -> list[dict]:
-    from florist import data
-
-    records = data.load_records(path)
-    fmt = data.detect_format(records, path)
-    return [data.normalize_record(r, fmt, where=f"{path} record {i}") for i, r in enumerate(records)]
-
-
 # --- the command -------------------------------------------------------------------------------
 
 
@@ -253,6 +245,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_args(args)  # before the imports: bad flags answer at once
     import torch
 
+    from florist.data import Prompter, load_dataset_file
     from florist.evaluation.heldout import heldout_loss
     from florist.evaluation.mmlu import evaluate_mmlu, load_mmlu, load_mmlu_dev
 
@@ -262,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> int:
     # Read and check all data before the (slow) model load, so bad input fails fast.
     questions = load_mmlu(mmlu_path) if mmlu_path is not None else []
     dev = load_mmlu_dev(mmlu_path) if mmlu_path is not None and args.kshot else None
-    heldout = _load_heldout(heldout_path) if heldout_path is not None else []
+    heldout = load_dataset_file(heldout_path)[0] if heldout_path is not None else []
 
     model, tokenizer = load_target(target, device=args.device, dtype=getattr(torch, args.dtype))
     results: dict[str, Any] = {
@@ -280,36 +273,24 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if questions:
         results["mmlu"] = {"path": str(mmlu_path), "eval_samples": args.eval_samples, "kshot": args.kshot}
+        # What every scorer shares: the questions, their sample and prompts, the batches.
+        shared = {"batch_size": args.batch_size, "seed": args.seed, "max_questions": args.eval_samples}
+        shared |= {"kshot": args.kshot, "dev": dev}
         for scorer in ("loglik", "generate") if args.scorer == "both" else (args.scorer,):
             results["mmlu"][scorer] = evaluate_mmlu(
                 model,
                 tokenizer,
                 questions,
                 scorer=scorer,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                max_questions=args.eval_samples,
-                kshot=args.kshot,
-                dev=dev,
                 return_predictions=args.predictions,
+                **shared,
                 **({"precision": args.loglik_precision} if scorer == "loglik" else {}),
             )
         if args.lm_eval:
             from florist.evaluation.harness import evaluate_mmlu_lm_eval
 
-            results["mmlu"]["lm_eval"] = evaluate_mmlu_lm_eval(
-                model,
-                tokenizer,
-                questions,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                max_questions=args.eval_samples,
-                kshot=args.kshot,
-                dev=dev,
-            )
+            results["mmlu"]["lm_eval"] = evaluate_mmlu_lm_eval(model, tokenizer, questions, **shared)
     if heldout:
-        from florist.data import Prompter
-
         # A run's held-out records are scored with the template it trained with.
         template = dict(target.run_config or {}).get("prompt_template_name", "auto")
         results["heldout"] = {"path": str(heldout_path)} | heldout_loss(

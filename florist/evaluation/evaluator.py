@@ -12,6 +12,7 @@ from typing import Any
 
 from florist.aggregation import Adapter
 from florist.config import RunConfig
+from florist.evaluation.head import eval_mode
 
 MMLU_FILE_NAME = "mmlu_test_1444.jsonl"
 
@@ -76,9 +77,7 @@ class Evaluator:
         if not (self.heldout or self.mmlu):
             return out
         model = host.model
-        was_training = model.training
-        model.eval()
-        with host.use_adapter(adapter):
+        with eval_mode(model), host.use_adapter(adapter):
             if self.heldout:
                 from florist.evaluation.heldout import heldout_loss
 
@@ -101,5 +100,4 @@ class Evaluator:
                     seed=self.cfg.seed,
                     max_questions=self.cfg.eval_samples,
                 )
-        model.train(was_training)
         return out

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.errors import FloristError
+from florist.evaluation.head import eval_mode
 from florist.evaluation.mmlu import LETTERS, MMLUQuestion, prepare_questions, summarize
 
 TASK = "florist_mmlu"
@@ -70,32 +71,27 @@ def evaluate_mmlu_lm_eval(
         questions, batch_size=batch_size, seed=seed, max_questions=max_questions, kshot=kshot, dev=dev
     )
 
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="florist-lm-eval-") as tmp:
-            docs = Path(tmp) / "questions.jsonl"
-            with docs.open("w", encoding="utf-8") as f:
-                for q, prompt in zip(questions, prompts):
-                    # The harness puts the delimiter " " between the prompt and the letter.
-                    doc = {"prompt": prompt.rstrip(" "), "answer": q.answer, "subject": q.subject}
-                    f.write(json.dumps(doc) + "\n")
-            (Path(tmp) / f"{TASK}.yaml").write_text(_task_yaml(docs), encoding="utf-8")
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[TASK],
-                task_manager=TaskManager(include_path=tmp),
-                num_fewshot=0,  # exemplars, if any, are already in florist's prompt
-                log_samples=True,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tempfile.TemporaryDirectory(prefix="florist-lm-eval-") as tmp:
+        docs = Path(tmp) / "questions.jsonl"
+        with docs.open("w", encoding="utf-8") as f:
+            for q, prompt in zip(questions, prompts):
+                # The harness puts the delimiter " " between the prompt and the letter.
+                doc = {"prompt": prompt.rstrip(" "), "answer": q.answer, "subject": q.subject}
+                f.write(json.dumps(doc) + "\n")
+        (Path(tmp) / f"{TASK}.yaml").write_text(_task_yaml(docs), encoding="utf-8")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[TASK],
+            task_manager=TaskManager(include_path=tmp),
+            num_fewshot=0,  # exemplars, if any, are already in florist's prompt
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     seconds = time.perf_counter() - start
 
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])

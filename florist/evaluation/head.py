@@ -42,6 +42,17 @@ class LMHead:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the duration; its training mode comes back after, errors too."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def body_in_bfloat16(model: PreTrainedModel) -> Iterator[None]:
     """Run the decoder's linear layers in bfloat16: bf16 copies of their float32 weights (cast
     once, not on every call as autocast alone would) and autocast for their inputs. The residual

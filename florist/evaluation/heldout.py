@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.data import IGNORE_INDEX, collate
 from florist.errors import FloristError
-from florist.evaluation.head import LMHead
+from florist.evaluation.head import LMHead, eval_mode
 from florist.progress import bar_disabled
 
 # Positions per LM-head call: the vocabulary-sized logits are the memory hog, not the model.
@@ -85,13 +85,11 @@ def heldout_loss(
     # (In the model's dtype, as it has always been; MMLU's letters need the float32 head.)
     decoder, head = model.get_decoder(), LMHead(model, float32=False)
 
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     total_loss, total_correct, total_tokens = 0.0, 0, 0
     order = sorted(range(len(scored)), key=lambda i: len(scored[i]["input_ids"]))
     bar = tqdm(total=len(scored), desc="held-out loss", unit="rec", disable=bar_disabled(progress))
-    try:
+    with eval_mode(model), bar:
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
             batch = [scored[i] for i in rows]
@@ -117,9 +115,6 @@ def heldout_loss(
             total_loss += float(per_row.sum())
             total_tokens += int(keep.sum())
             bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
     if total_tokens == 0:
         raise FloristError(
             f"no response tokens left to score (cutoff_len={cutoff_len} cuts every response away)"

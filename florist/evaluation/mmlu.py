@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import random
@@ -30,12 +29,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from florist.data import padded_width
+from florist.data import load_records, padded_width
 from florist.errors import FloristError
-from florist.evaluation.head import LMHead, body_in_bfloat16
+from florist.evaluation.head import LMHead, body_in_bfloat16, eval_mode
 from florist.progress import bar_disabled
 
 LETTERS = ("A", "B", "C", "D")
+# The header of an MMLU CSV with one (the Hub's, as `florist data fetch mmlu` writes it).
+CSV_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 INSTRUCTION = "Please answer the following multiple-choice question honestly."
 ANSWER_PREFIX = "The answer is: "
 # The paper's generation settings.
@@ -136,34 +137,11 @@ def parse_subset_record(record: Any, *, source: str = "record") -> MMLUQuestion:
     )
 
 
-def _load_subset(path: Path) -> list[MMLUQuestion]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        # Also accept real JSON lines.
-        try:
-            records = [
-                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
-        except json.JSONDecodeError as e:
-            raise FloristError(f"{path}: neither a JSON array nor JSON lines: {e}") from None
-    if not isinstance(records, list):
-        raise FloristError(f"{path}: expected a JSON array of questions")
-    return [parse_subset_record(r, source=f"{path} record {i}") for i, r in enumerate(records)]
-
-
 def _read_csv(path: Path, subject: str) -> list[MMLUQuestion]:
     """One MMLU CSV: with the header question,choice0..3,answer (0-3), or headerless with A-D answers."""
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
-    if rows and [c.strip() for c in rows[0]] == [
-        "question",
-        "choice0",
-        "choice1",
-        "choice2",
-        "choice3",
-        "answer",
-    ]:
+    if rows and tuple(c.strip() for c in rows[0]) == CSV_HEADER:
         rows, first_line = rows[1:], 2
     else:
         first_line = 1
@@ -198,8 +176,8 @@ def load_mmlu(path: str | os.PathLike[str]) -> list[MMLUQuestion]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"MMLU data not found: {path}")
-    if path.is_file():
-        return _load_subset(path)
+    if path.is_file():  # a JSON array (or JSON lines) of records, read as training data is
+        return [parse_subset_record(r, source=f"{path} record {i}") for i, r in enumerate(load_records(path))]
     if (path / "test").is_dir():
         return _load_csv_dir(path / "test", "test")
     return _load_csv_dir(path, "test")
@@ -600,10 +578,8 @@ def evaluate_mmlu(
         limit = getattr(model.config, "max_position_embeddings", None)
         max_length = limit - (GENERATE_MAX_NEW_TOKENS if scorer == "generate" else 0) if limit else None
 
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
+    with eval_mode(model):
         if scorer == "loglik":
             scores, rescored = checked_letter_scores(
                 model,
@@ -632,8 +608,6 @@ def evaluate_mmlu(
             # The paper matches on everything after "### Response:", i.e. "The answer is: " + the sample.
             outputs = [ANSWER_PREFIX + t for t in texts]
             correct = [generate_is_correct(t, q) for t, q in zip(outputs, questions)]
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - start
 
     result = summarize([q.subject for q in questions], correct)
