@@ -522,9 +522,7 @@ def write_peft_adapter(
         atomic_save_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         for file_name, content in (extra_files or {}).items():
             path = safe_join(tmp, file_name)
-            if isinstance(content, bytes):
-                atomic_write_bytes(path, content)
-            elif isinstance(content, str):
-                atomic_write_bytes(path, content.encode("utf-8"))
+            if isinstance(content, (bytes, str)):
+                atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
             else:
                 atomic_write_json(path, content)

@@ -113,20 +113,14 @@ class RunConfig:
 
         return self.client_init or AGGREGATORS[self.method].client_init
 
-    def shared_init_rank(self) -> int | None:
-        """The rank of the one init the clients of a round share (the largest client rank), or
-        None when each client draws its own."""
-        if self.resolved_client_init() != "shared":
-            return None
-        return max(self.client_rank(k) for k in range(self.num_clients))
-
     def validate(self) -> RunConfig:
         """Check every setting's type and range (``run_settings``), then how they combine."""
+        from florist.aggregation import AGGREGATORS
+        from florist.privacy import check_config
+
         for name, setting in run_settings().items():
             setattr(self, name, setting.parse(getattr(self, name), name=name))
         if self.client_init is not None:
-            from florist.aggregation import AGGREGATORS
-
             allowed = AGGREGATORS[self.method].client_inits
             if self.client_init not in allowed:
                 raise ConfigError(
@@ -143,16 +137,12 @@ class RunConfig:
                 f"local_batch_size ({self.local_batch_size}) must be a multiple of "
                 f"local_micro_batch_size ({self.local_micro_batch_size})"
             )
-        from florist.aggregation import AGGREGATORS
-
         if self.heter and not AGGREGATORS[self.method].supports_heterogeneous:
             # the paper of the method gives no rule for averaging factors of different ranks
             raise ConfigError(
                 f"{self.method} needs homogeneous ranks; with --heter use zeropad (--zero_padding True), "
                 "hetlora, flexlora, flora or florist"
             )
-        from florist.privacy import check_config
-
         problem = check_config(self)
         if problem:
             raise ConfigError(problem)

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from florist.errors import FloristError
+from florist.io import atomic_directory, atomic_file
 
 FORMATS = ("hf", "gguf")
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -76,8 +76,6 @@ def source_gguf(base: str) -> Path | None:
 
 def export_hf(model: Any, tokenizer: Any, out: str | os.PathLike[str]) -> Path:
     """``out/``: safetensors weights, config and tokenizer, written in one atomic step."""
-    from florist.io import atomic_directory
-
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -196,24 +194,6 @@ def _converted(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
     return data.astype(np.float16), None
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` that replaces it on success and is removed on failure
-    (florist.io's naming, so its leftover clean-up knows it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_gguf(
     model: Any,
     path: str | os.PathLike[str],
@@ -240,7 +220,7 @@ def write_gguf(
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
     file_type["q8_0"] = gguf.LlamaFileType.MOSTLY_Q8_0
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
         writer.add_name(name)
         writer.add_context_length(config.max_position_embeddings)

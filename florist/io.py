@@ -54,16 +54,18 @@ def _target(path: str | os.PathLike[str]) -> Path:
     return resolve_path(path, "output") if path.is_symlink() else path
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the body to write; then fsynced and renamed over
+    ``path``, or removed if the body raises."""
     path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's private 0o600 would hide shared outputs
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        with os.fdopen(fd, "wb"):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's private 0o600 would hide shared outputs
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -74,6 +76,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
     _fsync_dir(path.parent)
     _remove_leftovers(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -171,7 +179,8 @@ def _strict(obj: Any) -> tuple[Any, str | None]:
     if isinstance(obj, float):
         if math.isfinite(obj):
             return obj, None
-        return None, f"{_non_finite_name(obj)}: not a finite number, written as null"
+        name = "NaN" if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"
+        return None, f"{name}: not a finite number, written as null"
     if obj is None or isinstance(obj, (str, int)):
         return obj, None
     if isinstance(obj, dict):
@@ -193,10 +202,6 @@ def _strict(obj: Any) -> tuple[Any, str | None]:
     if hasattr(obj, "tolist"):  # a numpy array or scalar
         return _strict(obj.tolist())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _non_finite_name(x: float) -> str:
-    return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
 
 
 LOCK_FILE = ".florist.lock"

@@ -143,11 +143,12 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 @lru_cache(maxsize=1)
 def _byte_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> character map
 
     # 256 byte tokens (in GPT-2's printable byte alphabet) and no merges: ids 0..255 are the
     # bytes, then the specials. Building it takes milliseconds and needs no files.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = _gpt2_byte_alphabet()
+    byte_to_char = bytes_to_unicode()
     assert set(byte_to_char.values()) == set(alphabet)
     vocab = {byte_to_char[b]: b for b in range(256)}
     for i, special in enumerate(("<s>", "</s>", "<pad>", "<unk>")):
@@ -156,20 +157,6 @@ def _byte_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return tok.to_str()
-
-
-def _gpt2_byte_alphabet() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -75,6 +75,10 @@ class ReportError(FloristError, ValueError):
     """A run directory that cannot be reported on."""
 
 
+# What reading a malformed metrics.json or sweep.json raises, reported as a ReportError.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 # --- small pure helpers (tested on hand-made numbers) -------------------------------------
 
 
@@ -207,27 +211,18 @@ def _accuracy_panels(
         for p in points:
             if p.get("series") == "tau":
                 continue
-            if p.get("highlight"):
-                ax.scatter(
-                    [p[key]],
-                    [p["accuracy"]],
-                    marker="*",
-                    s=220 if p.get("color") == "gold" else 110,  # O drawn larger: O and E may coincide
-                    color=p.get("color", "gold"),
-                    edgecolors="black",
-                    linewidths=0.5,
-                    label=p["label"],
-                    zorder=4,
-                )
-            else:
-                ax.scatter(
-                    [p[key]],
-                    [p["accuracy"]],
-                    s=40,
-                    color=METHOD_COLORS.get(p.get("method", ""), "tab:gray"),
-                    label=p["label"],
-                    zorder=3,
-                )
+            star = bool(p.get("highlight"))  # FLoRIST-O/-E; O drawn larger, as the two may coincide
+            ax.scatter(
+                [p[key]],
+                [p["accuracy"]],
+                marker="*" if star else None,
+                s=(220 if p.get("color") == "gold" else 110) if star else 40,
+                color=p.get("color", "gold") if star else METHOD_COLORS.get(p.get("method", ""), "tab:gray"),
+                edgecolors="black" if star else None,
+                linewidths=0.5 if star else None,
+                label=p["label"],
+                zorder=4 if star else 3,
+            )
         front = pareto_front(xs, ys, maximize_x=maximize_x, maximize_y=higher_is_better)
         if front:
             fx, fy = [xs[i] for i in front], [ys[i] for i in front]
@@ -470,11 +465,14 @@ def learning_curve_figure(runs: list[tuple[str, dict[str, Any]]]) -> Figure:
     return fig
 
 
+def _run_options(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's value of its method's swept option (FLoRIST: {"threshold": τ}); None without one."""
+    option = swept_option(str(metrics.get("method", "?")))
+    return {option: (metrics.get("config") or {}).get(option, metrics.get("threshold"))} if option else None
+
+
 def run_label(metrics: dict[str, Any]) -> str:
-    method = str(metrics.get("method", "?"))
-    config = metrics.get("config") or {}
-    option = swept_option(method)
-    return method_label(method, {option: config.get(option, metrics.get("threshold"))} if option else None)
+    return method_label(str(metrics.get("method", "?")), _run_options(metrics))
 
 
 def write_curves_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
@@ -499,7 +497,7 @@ def write_curves_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> 
                     f"| {label} | {pt['round']} | {pt['mb_down_per_client']:.2f} | {pt['loss']:.4f} | [{lo:.4f}, {hi:.4f}] |"
                 )
         figures = {"learning_curves.png": _png(learning_curve_figure(list(zip(labels, loaded))))}
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except MALFORMED as e:
         raise ReportError(
             f"malformed run metrics among {', '.join(map(str, dirs))} ({type(e).__name__}: {e})"
         ) from None
@@ -510,11 +508,9 @@ def write_curves_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> 
 
 
 def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
-    method = str(metrics.get("method", "?"))
     rounds = list(metrics.get("rounds") or [])
-    config = metrics.get("config") or {}
-    option = swept_option(method)
-    label = method_label(method, {option: config.get(option, metrics.get("threshold"))} if option else None)
+    options = _run_options(metrics)
+    label = run_label(metrics)
     figures: dict[str, bytes] = {}
     md = [f"# Report: {label} on {metrics.get('model', '?')}", ""]
     md += [
@@ -575,7 +571,7 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
     svd_rounds = [r for r in rounds if r.get("singular_values")]
     if svd_rounds:
         r = svd_rounds[-1]
-        value = config.get(option, metrics.get("threshold")) if option else None
+        value = next(iter(options.values())) if options else None
         marks = [(label, float(value), r.get("ranks") or {})] if value is not None else []
         panel = {"title": f"round {r['round']}", "singular_values": r["singular_values"], "marks": marks}
         figures["energy_curves.png"] = _png(energy_figure([panel]))
@@ -595,6 +591,18 @@ def _run_report(metrics: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
 # --- sweep directories -------------------------------------------------------------------
 
 
+def _sweep_point(row: dict[str, Any], label: str, **extra: Any) -> dict[str, Any]:
+    """A sweep row as a point of the accuracy figure."""
+    mb = (float(row["bytes_down_per_client"]) + float(row["bytes_up_per_client"])) / 1e6
+    return {
+        "label": label,
+        "accuracy": float(row["accuracy"]),
+        "eff_e4": 1e4 * float(row["eff"]),
+        "mb_per_client": mb,
+        **extra,
+    }
+
+
 def _sweep_report(sweep: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
     settings = list(sweep.get("settings") or [])
     score_name = (sweep.get("score") or {}).get("name", "accuracy (%)")
@@ -605,37 +613,26 @@ def _sweep_report(sweep: dict[str, Any]) -> tuple[dict[str, bytes], list[str]]:
     for s in settings:
         name = str(s.get("name", "setting"))
         rows = [r for r in s.get("rows", []) if r.get("accuracy") is not None]
-        points = []
-        for r in rows:
-            is_tau = swept_option(str(r.get("method"))) is not None
-            points.append(
-                {
-                    "label": r.get("label", r.get("method")),
-                    "method": r.get("method"),
-                    "tau": r.get("threshold"),
-                    "accuracy": float(r["accuracy"]),
-                    "eff_e4": 1e4 * float(r["eff"]),
-                    "mb_per_client": (float(r["bytes_down_per_client"]) + float(r["bytes_up_per_client"]))
-                    / 1e6,
-                    "series": "tau" if is_tau else "method",
-                }
+        points = [
+            _sweep_point(
+                r,
+                r.get("label", r.get("method")),
+                method=r.get("method"),
+                tau=r.get("threshold"),
+                series="tau" if swept_option(str(r.get("method"))) is not None else "method",
             )
-        for key in ("florist_o", "florist_e"):
-            sel = s.get(key)
-            if sel:
-                points.append(
-                    {
-                        "label": f"FLoRIST-{key[-1].upper()} (τ={float(sel['threshold']):.2f})",
-                        "accuracy": float(sel["accuracy"]),
-                        "eff_e4": 1e4 * float(sel["eff"]),
-                        "mb_per_client": (
-                            float(sel["bytes_down_per_client"]) + float(sel["bytes_up_per_client"])
-                        )
-                        / 1e6,
-                        "highlight": True,
-                        "color": "gold" if key == "florist_o" else "cyan",
-                    }
-                )
+            for r in rows
+        ]
+        points += [
+            _sweep_point(
+                s[key],
+                f"FLoRIST-{key[-1].upper()} (τ={float(s[key]['threshold']):.2f})",
+                highlight=True,
+                color="gold" if key == "florist_o" else "cyan",
+            )
+            for key in ("florist_o", "florist_e")
+            if s.get(key)
+        ]
         base = eval_score(s.get("base_eval"), prefer=(sweep.get("score") or {}).get("source", "auto"))
         if points:
             groups.append({"title": name, "points": points, "base": base[1] if base else None})
@@ -695,20 +692,15 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
-    if (run_dir / "sweep.json").is_file():
-        source = run_dir / "sweep.json"
-        try:
-            figures, md = _sweep_report(_load_json(source))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise ReportError(f"{source}: malformed sweep results ({type(e).__name__}: {e})") from None
-    elif (run_dir / "metrics.json").is_file():
-        source = run_dir / "metrics.json"
-        try:
-            figures, md = _run_report(_load_json(source))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise ReportError(f"{source}: malformed run metrics ({type(e).__name__}: {e})") from None
-    else:
+    kinds = [("sweep.json", "sweep results", _sweep_report), ("metrics.json", "run metrics", _run_report)]
+    found = [(run_dir / name, what, report) for name, what, report in kinds if (run_dir / name).is_file()]
+    if not found:
         raise ReportError(f"{run_dir}: neither metrics.json (a run) nor sweep.json (a sweep) found")
+    source, what, report = found[0]
+    try:
+        figures, md = report(_load_json(source))
+    except MALFORMED as e:
+        raise ReportError(f"{source}: malformed {what} ({type(e).__name__}: {e})") from None
 
     return _write(
         Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR, figures, md, f"`{source.name}`"

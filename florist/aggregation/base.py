@@ -9,6 +9,7 @@ LoRA factors of that module and its scaling. The effective weight update of a mo
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -239,8 +240,12 @@ class Aggregator(ABC):
         (RoLoRA with one client: which factor trained). The identity for most methods."""
         return result
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(dtype={self.dtype})"
+    def __repr__(self) -> str:  # the dtype and the constructor's options, e.g. FLoRIST's threshold
+        params = inspect.signature(type(self).__init__).parameters
+        options = "".join(
+            f", {n}={getattr(self, n)!r}" for n, p in params.items() if p.kind is p.KEYWORD_ONLY
+        )
+        return f"{type(self).__name__}(dtype={self.dtype}{options})"
 
 
 # --- shared checks and helpers -------------------------------------------------------------

@@ -55,6 +55,3 @@ class FlexLoRA(Aggregator):
         return self.result(
             adapter, ranks=ranks, per_client=per_client, singular_values=singular_values, options=options
         )
-
-    def __repr__(self) -> str:
-        return f"FlexLoRA(dtype={self.dtype}, decomposition={self.decomposition!r})"

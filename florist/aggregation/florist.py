@@ -110,8 +110,3 @@ class FLoRIST(Aggregator):
         if self.dtype == torch.float32:  # the modules whose cut-off float32 could not certify
             options["float64_modules"] = [name for name, (_, _, redone) in zip(names, done) if redone]
         return self.result(adapter, singular_values=singular_values, options=options)
-
-    def __repr__(self) -> str:
-        return (
-            f"FLoRIST(dtype={self.dtype}, threshold={self.threshold}, decomposition={self.decomposition!r})"
-        )

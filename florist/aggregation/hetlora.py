@@ -69,6 +69,3 @@ class HetLoRA(Aggregator):
         )
         options = {"data_weights": self.data_weights}
         return self.result(adapter, ranks=ranks, per_client=per_client, options=options)
-
-    def __repr__(self) -> str:
-        return f"HetLoRA(dtype={self.dtype}, data_weights={self.data_weights})"

@@ -82,6 +82,3 @@ class LoRAFAIR(Aggregator):
             X = corrected_B(updates, name, p, average.B * average.scaling, average.A, self.regularization)
             adapter[name] = LoraFactors(A=average.A, B=X / average.scaling, scaling=average.scaling)
         return self.result(adapter, options={"regularization": self.regularization})
-
-    def __repr__(self) -> str:
-        return f"LoRAFAIR(dtype={self.dtype}, regularization={self.regularization})"

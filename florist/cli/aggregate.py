@@ -123,9 +123,14 @@ def _parse_num_examples(text: str | None, clients: list[Path]) -> list[int | Non
 
 
 def _check_out(out: Path, clients: list[Path], overwrite: bool) -> None:
+    """Every client directory once, none overlapping ``out``, and ``out`` replaceable."""
     resolved = resolve_path(out, "--out")
+    seen: dict[Path, Path] = {}
     for client in clients:
         c = resolve_path(client, "client directory")
+        if c in seen:
+            raise AdapterError(f"{client}: the same client directory is given twice (also as {seen[c]})")
+        seen[c] = client
         if resolved == c or resolved.is_relative_to(c) or c.is_relative_to(resolved):
             raise AdapterError(f"--out {out} overlaps the client directory {client}")
     if not out.exists():
@@ -245,14 +250,6 @@ def run_aggregate(args: argparse.Namespace) -> int:
     clients = [Path(c) for c in args.clients]
     if not clients:
         raise AdapterError("no client directories given (zero clients)")
-    seen: dict[Path, Path] = {}
-    for client in clients:
-        resolved = resolve_path(client, "client directory")
-        if resolved in seen:
-            raise AdapterError(
-                f"{client}: the same client directory is given twice (also as {seen[resolved]})"
-            )
-        seen[resolved] = client
     out = Path(args.out)
     _check_out(out, clients, args.overwrite)
     counts = _parse_num_examples(args.num_examples, clients)
