@@ -41,15 +41,13 @@ from florist.evaluation.evaluator import Evaluator
 from florist.io import atomic_directory, output_lock
 from florist.progress import bar_disabled
 from florist.rounds import (
-    ClientTask,
     Method,
     RoundRecorder,
     ServerState,
     close_simulated,
     evaluation_due,
-    fresh_lora,
     new_metrics,
-    run_client,
+    train_clients,
 )
 
 # Settings that may change between a run and its resumption: they do not affect the rounds.
@@ -125,27 +123,6 @@ class ClientSetup:
             )
         return self.tokenized[k]
 
-    def train(
-        self,
-        method: Method,
-        server: ServerState,
-        rnd: int,
-        *,
-        keep_start: bool,
-        desc: str,
-        progress: bool | None = None,
-    ) -> list[tuple[ClientTask, Any]]:
-        """Round ``rnd``'s sampled clients in order, each trained from where it starts: what
-        ``server`` last sent it, with its own local factors (``Method.start``)."""
-        fresh = functools.partial(fresh_lora, self.host)
-        trained = []
-        for task in tqdm(method.plan(rnd), desc=desc, leave=False, disable=bar_disabled(progress)):
-            cid = task.client_id
-            start = method.start(task, server.continuation(cid), server.client_state.get(cid), fresh)
-            result = run_client(self.trainer, task, self.examples(task.index), start, keep_start=keep_start)
-            trained.append((task, result))
-        return trained
-
 
 # --- the run ---------------------------------------------------------------------------------
 
@@ -198,10 +175,10 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
     bar = tqdm(
         range(first, rounds + 1), desc="rounds", initial=first - 1, total=rounds, disable=bar_disabled()
     )
-    keep_start = privacy.dp_enabled(cfg)  # DP measures each update from its start
+    dp = privacy.dp_enabled(cfg)  # DP measures each update from its start: keep that
     for rnd in bar:
         started_round = time.perf_counter()
-        trained = setup.train(method, server, rnd, keep_start=keep_start, desc=f"round {rnd} clients")
+        trained = train_clients(setup, method, server, rnd, keep_start=dp, desc=f"round {rnd} clients")
         outcome = close_simulated(
             method, server, rnd, trained, history=metrics["rounds"], started=started_round
         )

@@ -22,6 +22,7 @@ docs/architecture.md has the table of which driver calls what.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from florist import privacy
 from florist.aggregation import AGGREGATORS, Adapter, Aggregator, ClientUpdate, GlobalResult
@@ -49,6 +51,7 @@ from florist.algebra import (
 from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
 from florist.config import RunConfig
 from florist.errors import FloristError
+from florist.progress import bar_disabled
 from florist.screening import Rejection, screen_updates
 
 Shapes = dict[str, tuple[int, int]]
@@ -302,6 +305,28 @@ def run_client(
         freeze=task.freeze,
         learning_rate=task.learning_rate,
     )
+
+
+def train_clients(
+    setup: Any,
+    method: Method,
+    server: ServerState,
+    rnd: int,
+    *,
+    keep_start: bool,
+    desc: str,
+    progress: bool | None = None,
+) -> list[tuple[ClientTask, Any]]:
+    """Round ``rnd``'s sampled clients in order (``setup``: a ``florist.federation.ClientSetup``),
+    each trained from where it starts: what ``server`` last sent it, with its own local factors."""
+    fresh = functools.partial(fresh_lora, setup.host)
+    trained = []
+    for task in tqdm(method.plan(rnd), desc=desc, leave=False, disable=bar_disabled(progress)):
+        cid = task.client_id
+        start = method.start(task, server.continuation(cid), server.client_state.get(cid), fresh)
+        result = run_client(setup.trainer, task, setup.examples(task.index), start, keep_start=keep_start)
+        trained.append((task, result))
+    return trained
 
 
 def client_privacy(cfg: RunConfig, *, server_sees_uploads: bool) -> str | None:

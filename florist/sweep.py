@@ -72,6 +72,7 @@ from florist.rounds import (
     ServerState,
     client_stats,
     close_simulated,
+    train_clients,
 )
 
 # The paper's methods (the default), then those published after it (florist.config.NEWER_METHODS).
@@ -360,8 +361,8 @@ def train_group(
     gcfg = dataclasses.replace(cfg, method=group.methods[0], client_init=group.client_init)
     method = Method(gcfg, setup.host.module_shapes)
     desc = f"training clients ({'frozen A, ' if group.frozen_A else ''}{group.client_init} init)"
-    progress_bar = None if progress else False
-    return setup.train(method, ServerState(), 1, keep_start=keep_start, desc=desc, progress=progress_bar)
+    bar = None if progress else False
+    return train_clients(setup, method, ServerState(), 1, keep_start=keep_start, desc=desc, progress=bar)
 
 
 def close_configuration(
