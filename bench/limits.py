@@ -107,7 +107,7 @@ def machine_line(m: dict[str, Any], command: str) -> str:
 
 def machine_tag(m: dict[str, Any]) -> str:
     """What makes two machines the same kind for a section: CPU model and native bf16."""
-    bf16 = "none" if m.get("emulated") else m.get("bf16", "unknown")
+    bf16 = "none (emulated)" if m.get("emulated") else m.get("bf16", "unknown")
     bf16 = "+".join(bf16) if isinstance(bf16, list) else str(bf16)
     return f"{m['cpu']} | bf16 {bf16}"
 
