@@ -281,6 +281,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['rescored_float32'] if precision == 'checked' else ''} | {100 * r['accuracy_macro']:.2f} |"
             )
         ok = full["max_gap_shift"] < CHECK_MARGIN
+        # The float32 ceiling: every loglik FLOP at the measured float32 peak, against the authors'
+        # protocol's measured seconds per question. No float32 loglik can beat this ratio.
+        floor_s = fl["total"] / full["questions"] / (peak["float32"] * 1e9)
+        authors_s = authors["wall_seconds"] / authors["questions"]
+        lines += [
+            "",
+            f"The float32 ceiling: at 100% of the float32 matmul peak ({peak['float32']:.0f} GFLOP/s) one question's "
+            f"{fl['total'] / full['questions'] / 1e9:.1f} GFLOP take {floor_s:.3f} s, against {authors_s:.2f} s a "
+            f"question for the authors' protocol at its best here: **no float32 loglik can be more than "
+            f"{authors_s / floor_s:.1f}x** faster on this machine (float32 loglik measured: "
+            f"{authors_s / (runs['float32']['wall_seconds'] / full['questions']):.1f}x over the whole subset).",
+        ]
         lines += [
             "",
             f"The bf16 body moved the gap between two letters' log-probabilities by at most "
