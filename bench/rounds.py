@@ -71,7 +71,7 @@ SETUP: dict[str, dict[str, Any]] = {
         "cutoff_len": 256,
         "records_per_client": 160,
         "heldout_per_client": 25,
-        "eval_every": 1,
+        "eval_every": 2,
         "seeds": [42, 43],
     },  # fmt: skip
     "smoke": {
@@ -153,7 +153,7 @@ def runs(setup: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 def config(
-    data_dir: Path, heldout: Path, out: Path, setup: dict[str, Any], method: str, seed: int
+    data_dir: Path, heldout: Path, out: Path, setup: dict[str, Any], method: str, seed: int, n_global: int
 ) -> RunConfig:
     return RunConfig(
         global_model="smollm2-135m", data_path=str(data_dir), output_dir=str(out), num_clients=setup["clients"],
@@ -161,12 +161,12 @@ def config(
         client_selection_frac=setup["fraction"], local_batch_size=setup["batch"],
         local_micro_batch_size=setup["batch"], local_max_steps=setup["steps"], local_learning_rate=setup["lr"],
         lr_schedule="cosine", lr_min=setup["lr_min"], local_lr_scheduler="constant", cutoff_len=setup["cutoff_len"],
-        lora_r=16, lora_alpha=32, test_data_path=str(heldout), eval_every=setup["eval_every"], eval_base=False,
+        lora_r=16, lora_alpha=32, test_data_path=str(heldout), eval_every=setup["eval_every"], eval_every_samples=n_global, eval_base=False,
         seed=seed, device="cpu",
     )  # fmt: skip
 
 
-def run_all(out: Path, data_dir: Path, heldout: Path, setup: dict[str, Any]) -> dict[str, Any]:
+def run_all(out: Path, data_dir: Path, heldout: Path, setup: dict[str, Any], n_global: int) -> dict[str, Any]:
     """Every run, each resumed from its checkpoint or skipped when finished; the base model's
     evaluation once for all."""
     from florist.evaluation.evaluator import Evaluator
@@ -174,7 +174,7 @@ def run_all(out: Path, data_dir: Path, heldout: Path, setup: dict[str, Any]) -> 
 
     base_file = out / "base_eval.json"
     if not base_file.is_file():
-        cfg = config(data_dir, heldout, out / "base", setup, "fedit", setup["seeds"][0])
+        cfg = config(data_dir, heldout, out / "base", setup, "fedit", setup["seeds"][0], n_global)
         clients = ClientSetup.load(cfg)
         atomic_write_json(base_file, Evaluator(cfg, clients.prompter)(clients.host, clients.tokenizer, None))
     timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else {}
@@ -185,7 +185,7 @@ def run_all(out: Path, data_dir: Path, heldout: Path, setup: dict[str, Any]) -> 
             continue
         print(f"bench/rounds.py: {name}", flush=True)
         t0 = time.perf_counter()
-        cfg = config(data_dir, heldout, run_dir, setup, method, seed)
+        cfg = config(data_dir, heldout, run_dir, setup, method, seed, n_global)
         cfg.resume = (run_dir / "checkpoint").exists()
         run_federated(cfg)
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
@@ -516,7 +516,7 @@ def main() -> None:
     command = f"python bench/rounds.py --dataset {args.dataset}" + (" --smoke" if args.smoke else "")
     out.mkdir(parents=True, exist_ok=True)
     data_dir, heldout, n_global = prepare(args.dataset, out, setup)
-    done = run_all(out, data_dir, heldout, setup)
+    done = run_all(out, data_dir, heldout, setup, n_global)
     result = analyse(out, setup, done["base"], n_global)
     loaded_runs = []
     for m, s in runs(setup):

@@ -86,6 +86,9 @@ class RunConfig:
     eval_scorer: str = "loglik"  # loglik | generate
     evaluate: bool = True
     eval_every: int = 0  # also evaluate after every N-th round (and the last); 0: before and after only
+    # Records (and MMLU questions) scored at the evaluations before the last round, the first N of
+    # eval_samples: cheap learning curves, the whole set at the end. None: eval_samples throughout.
+    eval_every_samples: int | None = None
     eval_base: bool = True  # evaluate the base model before round 1 (eval_before); many runs share it
     # client-level differential privacy and secure aggregation (florist.privacy, docs/methods.md)
     dp_clip_norm: float = 0.0  # C, the L2 bound of each upload's factor update; 0: no DP
@@ -197,6 +200,7 @@ RUN_RANGES: dict[str, dict[str, Any]] = {
     "lr_min": {"low": 0.0},
     "local_lr_scheduler": {"choices": ("linear", "constant")},
     "eval_every": {"low": 0},
+    "eval_every_samples": {"low": 1},
     "save_every": {"low": 0},
     "cutoff_len": {"low": 1},
     "pad_to_multiple_of": {"low": 1},

@@ -46,6 +46,7 @@ from florist.rounds import (
     ServerState,
     close_simulated,
     evaluation_due,
+    evaluation_samples,
     new_metrics,
     train_clients,
 )
@@ -62,6 +63,7 @@ RESUMABLE_CHANGES = {
     "test_data_path",
     "save_merged",
     "eval_every",
+    "eval_every_samples",
     "eval_base",
     "save_every",
     "device",
@@ -185,7 +187,9 @@ def _run_federated(cfg: RunConfig, *, model: Any, tokenizer: Any) -> dict[str, A
         if outcome.result.folded is not None:
             setup.host.merge_into_base(server.merged[-1])
         if evaluation_due(cfg, rnd):  # folded updates already live in the base
-            outcome.entry["eval"] = evaluate(setup.host, setup.tokenizer, server.active_adapter())
+            outcome.entry["eval"] = evaluate(
+                setup.host, setup.tokenizer, server.active_adapter(), samples=evaluation_samples(cfg, rnd)
+            )
         recorder.record(outcome.entry, server)
 
     host, tokenizer = setup.host, setup.tokenizer

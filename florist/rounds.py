@@ -100,6 +100,14 @@ def evaluation_due(cfg: RunConfig, rnd: int) -> bool:
     return cfg.evaluate and due(cfg.eval_every, rnd, cfg)
 
 
+def evaluation_samples(cfg: RunConfig, rnd: int) -> int | None:
+    """Records (and MMLU questions) scored after round ``rnd``: the first ``eval_every_samples``
+    before the last round, ``eval_samples`` (None: all) at the last."""
+    if rnd >= cfg.num_communication_rounds or cfg.eval_every_samples is None:
+        return cfg.eval_samples
+    return min(cfg.eval_every_samples, cfg.eval_samples or cfg.eval_every_samples)
+
+
 # --- what the server remembers ---------------------------------------------------------------
 
 

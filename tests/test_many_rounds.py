@@ -82,10 +82,12 @@ def test_eval_every_records_match_florist_eval_of_that_rounds_adapter(
     method, tmp_path, federated_data, model_dir
 ):
     """With eval_every 1 and save_every 1, each round's recorded held-out loss is what `florist
-    eval` says of the global adapter written after that round (rounds/round_<r>/)."""
+    eval` says of the global adapter written after that round (rounds/round_<r>/); with
+    eval_every_samples 2, of its first 2 records before the last round and of all at the last."""
     data = federated_data(3)
     cfg = tiny_run_config(data, tmp_path / "run", global_model=str(model_dir), method=method, evaluate=True,
-                          num_communication_rounds=2, eval_every=1, save_every=1, cutoff_len=256)  # fmt: skip
+                          num_communication_rounds=2, eval_every=1, eval_every_samples=2, save_every=1,
+                          cutoff_len=256)  # fmt: skip
     from florist.models import load_model
 
     metrics = run_federated(cfg, model=load_model(str(model_dir), device="cpu")[0],
@@ -95,10 +97,13 @@ def test_eval_every_records_match_florist_eval_of_that_rounds_adapter(
         adapter = tmp_path / "run" / "rounds" / f"round_{entry['round']:04d}"
         out = tmp_path / f"eval_{entry['round']}.json"
         argv = ["eval", str(adapter), "--heldout", str(heldout), "--out", str(out), "--cutoff_len", "256"]
-        assert main(argv) == 0
+        assert main(argv + (["--max_heldout", "2"] if entry["round"] < 2 else [])) == 0
         evaluated = json.loads(out.read_text())["heldout"]
         assert entry["eval"]["heldout"]["loss"] == pytest.approx(evaluated["loss"], rel=1e-4), entry["round"]
         assert entry["eval"]["heldout"]["n_tokens"] == evaluated["n_tokens"]
+    indices = [entry["eval"]["heldout"]["records"]["index"] for entry in metrics["rounds"]]
+    # records whose response the tokenizer cuts away entirely are not scored, in both
+    assert indices[0] == [i for i in indices[1] if i < 2] and indices[1][-1] >= 2
     assert metrics["eval_after"] == metrics["rounds"][-1]["eval"]  # not evaluated twice
     assert metrics["rounds"][0]["eval"]["heldout"]["loss"] != metrics["rounds"][1]["eval"]["heldout"]["loss"]
 
@@ -126,7 +131,7 @@ def test_flower_equals_in_process_for_a_cosine_run_with_partial_participation(me
 
     data = write_tiny_data(tmp_path / "data")
     settings = dict(rounds=3, client_selection_frac=0.67, min_clients=2, lr_schedule="cosine", lr_min=0.005,
-                    local_learning_rate=0.05, evaluate=True, eval_every=1, cutoff_len=256, test_data_path=str(data / "3" / "global_test.json"))  # fmt: skip
+                    local_learning_rate=0.05, evaluate=True, eval_every=1, eval_every_samples=2, cutoff_len=256, test_data_path=str(data / "3" / "global_test.json"))  # fmt: skip
     heter = method == "florist"
     cfg = tiny_config(data, tmp_path / "inproc", method, heter=heter, **settings)
     expected = run_federated(cfg, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
@@ -141,6 +146,7 @@ def test_flower_equals_in_process_for_a_cosine_run_with_partial_participation(me
         assert ours["clients"] == theirs["clients"] and ours["learning_rate"] == theirs["learning_rate"]
         assert ours["cumulative"] == theirs["cumulative"]
         assert ours["eval"]["heldout"]["loss"] == pytest.approx(theirs["eval"]["heldout"]["loss"], rel=1e-5)
+        assert ours["eval"]["heldout"]["n_records"] == (2 if ours["round"] < 3 else 3)
     assert len({r["learning_rate"] for r in metrics["rounds"]}) == 3
 
 

@@ -71,8 +71,12 @@ class Evaluator:
         """Whether there is anything to evaluate."""
         return bool(self.heldout or self.mmlu)
 
-    def __call__(self, host: Any, tokenizer: Any, adapter: Adapter | None) -> dict[str, Any]:
-        """Evaluate ``host``'s base with ``adapter`` active (None: the base alone)."""
+    def __call__(
+        self, host: Any, tokenizer: Any, adapter: Adapter | None, *, samples: int | None = None
+    ) -> dict[str, Any]:
+        """Evaluate ``host``'s base with ``adapter`` active (None: the base alone) on the first
+        ``samples`` records and questions (None: ``eval_samples``)."""
+        samples = samples if samples is not None else self.cfg.eval_samples
         out: dict[str, Any] = {}
         if not (self.heldout or self.mmlu):
             return out
@@ -87,7 +91,7 @@ class Evaluator:
                     self.heldout,
                     cutoff_len=self.cfg.cutoff_len,
                     prompter=self.prompter,
-                    max_records=self.cfg.eval_samples,
+                    max_records=samples,
                 )
             if self.mmlu:
                 from florist.evaluation.mmlu import evaluate_mmlu
@@ -98,6 +102,6 @@ class Evaluator:
                     self.mmlu,
                     scorer=self.cfg.eval_scorer,
                     seed=self.cfg.seed,
-                    max_questions=self.cfg.eval_samples,
+                    max_questions=samples,
                 )
         return out

@@ -104,11 +104,11 @@ def _evaluator(cfg: RunConfig, server: Any) -> Any:
         log(INFO, "florist: %s", note)
     folded: list[Any] = []
 
-    def evaluate(before: bool = False) -> dict[str, Any]:
+    def evaluate(before: bool = False, samples: int | None = None) -> dict[str, Any]:
         for adapter in server.merged[len(folded) :]:
             host.merge_into_base(adapter)
             folded.append(adapter)
-        return evaluator(host, tokenizer, None if before else server.active_adapter())
+        return evaluator(host, tokenizer, None if before else server.active_adapter(), samples=samples)
 
     return evaluate
 

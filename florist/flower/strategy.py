@@ -49,6 +49,7 @@ from florist.rounds import (
     build_aggregator,
     close_round,
     evaluation_due,
+    evaluation_samples,
     mean_losses,
     method_options,
     new_metrics,
@@ -414,7 +415,7 @@ class FloristStrategy(FedAvg):
             if client in entry["client_stats"]:
                 _add_wire(entry, client, "up", arrays)
         if self.evaluate_round is not None and evaluation_due(self.cfg, entry["round"]):
-            entry["eval"] = self.evaluate_round()
+            entry["eval"] = self.evaluate_round(samples=evaluation_samples(self.cfg, entry["round"]))
         self.recorder.record(entry, self.server)
         first, last = mean_losses(entry)
         summary = MetricRecord(
