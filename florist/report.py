@@ -404,8 +404,9 @@ def loss_figure(groups: list[tuple[str, list[dict[str, Any]]]]) -> Figure:
 
 def curve_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """A run's held-out loss at every evaluated round (round 0: the base model), with its 95%
-    bootstrap interval over records and the mean MB each client has downloaded by then."""
-    from florist.stats import bootstrap_ci, heldout_records
+    bootstrap interval over records and the mean MB each client has downloaded by then; every
+    point on the records all of them scored (eval_every_samples scores fewer before the last)."""
+    from florist.stats import bootstrap_ci, heldout_records, on_common_records
 
     points = []
     evaluated = [(0, 0.0, metrics.get("eval_before"))] + [
@@ -416,10 +417,10 @@ def curve_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         )
         for r in metrics.get("rounds") or []
     ]
-    for rnd, mb, evaluation in evaluated:
-        heldout = (evaluation or {}).get("heldout")
-        if not heldout:
-            continue
+    evaluated = [(rnd, mb, e) for rnd, mb, e in evaluated if (e or {}).get("heldout")]
+    common = on_common_records([e for _, _, e in evaluated]) if evaluated else []
+    for (rnd, mb, _), evaluation in zip(evaluated, common):
+        heldout = evaluation["heldout"]
         losses, tokens = heldout_records(evaluation)
         ci = list(bootstrap_ci(losses, tokens)) if tokens else [math.nan, math.nan]
         points.append({"round": rnd, "mb_down_per_client": mb, "loss": float(heldout["loss"]), "ci95": ci})

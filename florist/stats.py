@@ -82,6 +82,30 @@ def heldout_records(evaluation: dict | None) -> tuple[list[float], list[int]]:
     return list(records.get("loss_sum") or []), list(records.get("tokens") or [])
 
 
+def on_common_records(evaluations: Sequence[dict]) -> list[dict]:
+    """``evaluations`` restricted to the held-out records every one of them scored (a run's
+    evaluations before the last round may score only the first records, ``eval_every_samples``):
+    loss and per-record sums on those records alone, so that they compare and pair on one set.
+    Evaluations that already scored the same records are returned as they are."""
+    if not all((e["heldout"].get("records") or {}).get("tokens") for e in evaluations):
+        return list(evaluations)  # written without per-record sums: nothing to restrict by
+    scored = []
+    for e in evaluations:
+        records = e["heldout"]["records"]
+        index = records.get("index") or list(range(len(records["tokens"])))
+        scored.append(dict(zip(index, zip(records["loss_sum"], records["tokens"]))))
+    if all(d.keys() == scored[0].keys() for d in scored):
+        return list(evaluations)
+    common = sorted(set.intersection(*(set(d) for d in scored)))
+    out = []
+    for e, d in zip(evaluations, scored):
+        loss_sum, tokens = [d[i][0] for i in common], [d[i][1] for i in common]
+        heldout = {"loss": sum(loss_sum) / sum(tokens), "n_records": len(common), "n_tokens": sum(tokens),
+                   "records": {"index": common, "loss_sum": loss_sum, "tokens": tokens}}  # fmt: skip
+        out.append(e | {"heldout": heldout})
+    return out
+
+
 def heldout_comparison(evaluation: dict, references: dict[str, dict | None], *, seed: int = 0) -> dict:
     """A model's held-out loss with its interval, and its paired difference to each reference model
     (``{"base": ..., "flora": ...}`` gives ``delta_vs_base`` and ``delta_vs_base_ci95``, ...)."""

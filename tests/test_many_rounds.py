@@ -184,3 +184,31 @@ def test_the_report_draws_learning_curves_from_two_round_runs(tmp_path, federate
     assert (tmp_path / "curves" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     assert main(["report", *map(str, runs)]) == 2  # several runs need --out
     assert "--out" in capsys.readouterr().err
+
+
+def test_learning_curves_put_every_round_on_the_records_all_rounds_scored():
+    """A curve whose intermediate rounds scored the first records (eval_every_samples) and whose
+    last round scored all of them: every point is the token-weighted loss on the common records,
+    computed here by hand, and the full score is left to the final table."""
+    from florist.report import curve_points
+    from florist.stats import on_common_records
+
+    def evaluation(index, loss_sum, tokens):
+        loss = sum(loss_sum) / sum(tokens)
+        return {
+            "heldout": {"loss": loss, "records": {"index": index, "loss_sum": loss_sum, "tokens": tokens}}
+        }
+
+    base = evaluation([0, 1, 3], [6.0, 8.0, 30.0], [2, 4, 10])  # record 2 had nothing to score
+    first = evaluation([0, 1], [4.0, 6.0], [2, 4])
+    last = evaluation([0, 1, 3], [2.0, 4.0, 10.0], [2, 4, 10])
+    rounds = [
+        {"round": r, "eval": e, "cumulative": {"bytes_down_per_client": 1e6 * r}}
+        for r, e in ((1, first), (2, last))
+    ]
+    points = curve_points({"eval_before": base, "rounds": rounds})
+    assert [p["loss"] for p in points] == pytest.approx([14 / 6, 10 / 6, 6 / 6])
+    assert [p["mb_down_per_client"] for p in points] == [0.0, 1.0, 2.0]
+    assert all(p["ci95"][0] <= p["loss"] <= p["ci95"][1] for p in points)
+    same = on_common_records([base, last])  # the same records: untouched
+    assert same[0] is base and same[1] is last and last["heldout"]["loss"] == pytest.approx(16 / 16)
