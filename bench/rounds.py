@@ -1,7 +1,7 @@
 """The many-rounds experiment behind docs/rounds.md: over the rounds a federation can afford, which
 method reaches the lowest held-out loss for the bytes its sites send?
 
-    python bench/rounds.py --dataset dolly            # about 2 h on 2 quiet cores (docs/rounds.md)
+    python bench/rounds.py --dataset dolly            # under 2.5 h on 2 quiet cores (docs/rounds.md)
     python bench/rounds.py --dataset alpaca           # the same settings on Alpaca
     python bench/rounds.py --dataset dolly --smoke    # the whole pipeline in minutes, under runs/ only
     python bench/rounds.py --memory                   # 64 clients, 8 a round: memory, docs/benchmarks.md
@@ -14,8 +14,10 @@ client init. Methods: FedIT, FLoRA, FLoRIST (τ = 0.9), FlexLoRA, FFA-LoRA, FedE
 FLoRIST with a second seed. Data: Dolly's 10-client split (../shared/data/dolly/10), or Alpaca split
 by ``florist data split`` (Dirichlet α = 0.5 over the instruction's first word). Held-out: the
 split's global test set plus 25 unseen records of every client (each client's own are its
-``local_test_<k>.json``, for FedSA's personalised scores); evaluated on the base model and after
-every round, with 95% bootstrap intervals over records, paired between methods.
+``local_test_<k>.json``, for FedSA's personalised scores), scored on the base model and after the
+last round; every 2 rounds before it only the global test set is scored (``eval_every_samples``:
+the learning curves are drawn on it), which keeps each data set's 11 runs within 2.5 h. 95%
+bootstrap intervals over records, paired between methods on the records both scored.
 
 Each run is a ``florist run`` in its own directory: an interrupted experiment resumes each run
 from its last completed round and skips finished runs. Conclusions are sentences built from the
@@ -57,7 +59,12 @@ from common import (  # noqa: E402
 from florist.config import RunConfig  # noqa: E402
 from florist.io import atomic_write_json, atomic_write_text  # noqa: E402
 from florist.report import curve_points, learning_curve_figure, method_label  # noqa: E402
-from florist.stats import heldout_comparison, heldout_records, paired_bootstrap_ci  # noqa: E402
+from florist.stats import (  # noqa: E402
+    heldout_comparison,
+    heldout_records,
+    on_common_records,
+    paired_bootstrap_ci,
+)
 
 SETUP: dict[str, dict[str, Any]] = {
     "full": {
@@ -173,11 +180,14 @@ def run_all(out: Path, data_dir: Path, heldout: Path, setup: dict[str, Any], n_g
     from florist.federation import ClientSetup, run_federated
 
     base_file = out / "base_eval.json"
+    timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else {}
     if not base_file.is_file():
+        t0 = time.perf_counter()
         cfg = config(data_dir, heldout, out / "base", setup, "fedit", setup["seeds"][0], n_global)
         clients = ClientSetup.load(cfg)
         atomic_write_json(base_file, Evaluator(cfg, clients.prompter)(clients.host, clients.tokenizer, None))
-    timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else {}
+        timing["base_eval"] = time.perf_counter() - t0
+        atomic_write_json(out / "timing.json", timing)
     for method, seed in runs(setup):
         name = f"{method}_s{seed}"
         run_dir = out / "runs" / name
@@ -258,8 +268,9 @@ def equal_bytes(loaded: dict[str, dict[str, Any]], seed: int) -> list[dict[str, 
         for method, metrics in mine.items():
             rnd, mb, evaluation = _point(metrics, budget)
             point = {"method": method, "round": rnd, "mb_down_per_client": mb}
-            if rnd > 0 and method != ref:
-                point |= heldout_comparison(evaluation, {"reference": reference})
+            if rnd > 0 and method != ref:  # an earlier round may have scored fewer records
+                evaluation, on_same = on_common_records([evaluation, reference])
+                point |= heldout_comparison(evaluation, {"reference": on_same})
             points.append(point)
         out.append({"reference": ref, "budget_mb": budget, "points": points})
     return out
@@ -283,12 +294,14 @@ def fedit_gap(loaded: dict[str, dict[str, Any]], setup: dict[str, Any]) -> list[
                     "ci95": comparison["delta_vs_flora_ci95"],
                 }
             )
-        (a1, _), (b1, _) = heldout_records(rounds[0]["eval"]), heldout_records(_same(flora, rounds[0]))
-        (a2, tokens), (b2, _) = heldout_records(rounds[-1]["eval"]), heldout_records(_same(flora, rounds[-1]))
-        growth = per_round[-1]["delta"] - per_round[0]["delta"]
+        # on the records both the first and the last evaluated round scored
+        ends = [rounds[0]["eval"], _same(flora, rounds[0]), rounds[-1]["eval"], _same(flora, rounds[-1])]
+        (a1, _), (b1, _), (a2, tokens), (b2, _) = map(heldout_records, on_common_records(ends))
+        growth = sum(a2) - sum(b2) - sum(a1) + sum(b1)
+        growth /= sum(tokens)
         ci = paired_bootstrap_ci([x + y for x, y in zip(a2, b1)], [x + y for x, y in zip(b2, a1)], tokens)
         out.append({"seed": seed, "per_round": per_round, "growth": growth, "growth_ci95": list(ci),
-                    "from_round": rounds[0]["round"], "to_round": rounds[-1]["round"]})  # fmt: skip
+                    "from_round": rounds[0]["round"], "to_round": rounds[-1]["round"], "n_records": len(tokens)})  # fmt: skip
     return out
 
 
@@ -332,8 +345,10 @@ def conclusions(result: dict[str, Any], setup: dict[str, Any]) -> list[str]:
     for eq in result["equal_bytes"]:
         ref = method_label(eq["reference"])
         none = [method_label(p["method"]) for p in eq["points"] if p["round"] == 0]
+        names = " and ".join([", ".join(none[:-1]), none[-1]] if len(none) > 1 else none)
+        verb = "completes" if len(none) == 1 else "complete"
         said.append(f"With the download {ref} needed for all {setup['rounds']} rounds ({eq['budget_mb']:.2f} MB per "
-                    f"client){', ' + ', '.join(none) + ' complete no round' if none else ''}:")  # fmt: skip
+                    f"client){f', {names} {verb} no round within it' if none else ''}:")  # fmt: skip
         for p in eq["points"]:
             if "delta_vs_reference" in p:
                 what, other = (
@@ -344,7 +359,8 @@ def conclusions(result: dict[str, Any], setup: dict[str, Any]) -> list[str]:
                 said.append(f"- {line}{beyond_seeds(p['delta_vs_reference'], noise)}.")
     for g in result["fedit_gap"]:
         what = (
-            f"FedIT's gap to FLoRA (seed {g['seed']}) from round {g['from_round']} to round {g['to_round']}"
+            f"FedIT's gap to FLoRA (seed {g['seed']}) from round {g['from_round']} to round {g['to_round']}, "
+            f"on the {g['n_records']} records both rounds scored,"
         )
         if g["growth_ci95"][0] > 0:
             said.append(f"{what} grows by {g['growth']:.4f} nats (95% CI {fmt_ci(g['growth_ci95'])}).")
@@ -373,6 +389,9 @@ CANNOT_SHOW = [
     "curve would cross it; a method whose first round costs more than the budget (FLoRA's whole stack) is not compared.",
     "Two seeds for FedIT, FLoRA and FLoRIST only: the other methods' seed-to-seed spread is assumed to be "
     "of the same size; the seed spread (both the clients sampled and the training) is given beside each claim.",
+    "Before the last round only the split's global test set is scored, so the learning curves (and the "
+    "comparisons at equal bytes and across rounds) rest on fewer records and have wider intervals than the "
+    "final comparisons.",
     "Upload bytes are not traded off here: every method but FFA-LoRA, FedSA-LoRA and RoLoRA uploads both "
     "factors at rank 16, and those three half of it.",
 ]
@@ -406,11 +425,13 @@ experiment is, and what it cannot show, is in each section.
 def section(dataset: str, doc: dict[str, Any], start: str, end: str) -> str:
     s, m = doc["setup"], doc["machine"]
     lines = [start, f"## {dataset.capitalize()}", "", f"`{doc['command']}` on {m['cpu']} ({m['cores']} cores, "
-             f"native bf16: {m['bf16']}), {doc['wall_time_s'] / 3600:.2f} h of runs; {doc['date']}.", "",
+             f"native bf16: {m['bf16']}), {doc['wall_time_s'] / 3600:.2f} h for the {len(doc['rows'])} runs"
+             f"{' and the base model' if 'base_eval' in doc['seconds_per_run'] else ''}; {doc['date']}.", "",
              f"{s['clients']} clients, {int(s['fraction'] * s['clients'])} sampled per round, {s['rounds']} rounds; "
              f"every client-round {s['steps']} steps of {s['batch']} examples at a peak rate annealed from {s['lr']:g} "
              f"to {s['lr_min']:g} by a cosine over rounds (constant within one); rank 16; held-out: "
-             f"{doc['heldout_records']} records.", "", f"![learning curves](img/rounds_{dataset}.png)", "",
+             f"{doc['heldout_records']} records after the last round and, every {s['eval_every']} rounds before it, "
+             f"the split's global test set ({doc['intermediate_records']} records; the curves are drawn on these).", "", f"![learning curves](img/rounds_{dataset}.png)", "",
              "| method | seed | held-out loss after the last round | 95% CI | Δ vs FLoRA | 95% CI | MB down / client | MB up / client |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in doc["rows"]:
@@ -528,7 +549,7 @@ def main() -> None:
     doc = {
         "command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_time_s": sum(done["timing"].values()), "seconds_per_run": done["timing"], "setup": setup,
-        "heldout_records": len(json.loads(heldout.read_text())), "methods": list(METHODS),
+        "heldout_records": len(json.loads(heldout.read_text())), "intermediate_records": n_global, "methods": list(METHODS),
         "conclusions": conclusions(result, setup), "cannot_show": CANNOT_SHOW, **result,
     }  # fmt: skip
     write_docs(args.dataset, doc, loaded_runs, docs)
