@@ -297,8 +297,7 @@ def fedit_gap(loaded: dict[str, dict[str, Any]], setup: dict[str, Any]) -> list[
         # on the records both the first and the last evaluated round scored
         ends = [rounds[0]["eval"], _same(flora, rounds[0]), rounds[-1]["eval"], _same(flora, rounds[-1])]
         (a1, _), (b1, _), (a2, tokens), (b2, _) = map(heldout_records, on_common_records(ends))
-        growth = sum(a2) - sum(b2) - sum(a1) + sum(b1)
-        growth /= sum(tokens)
+        growth = (sum(a2) - sum(b2) - sum(a1) + sum(b1)) / sum(tokens)
         ci = paired_bootstrap_ci([x + y for x, y in zip(a2, b1)], [x + y for x, y in zip(b2, a1)], tokens)
         out.append({"seed": seed, "per_round": per_round, "growth": growth, "growth_ci95": list(ci),
                     "from_round": rounds[0]["round"], "to_round": rounds[-1]["round"], "n_records": len(tokens)})  # fmt: skip
