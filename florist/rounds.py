@@ -21,8 +21,10 @@ docs/architecture.md has the table of which driver calls what.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import gc
 import hashlib
 import math
 import time
@@ -573,6 +575,7 @@ class RoundRecorder:
         if due(self.cfg.save_every, entry["round"], self.cfg):  # e.g. for generate or eval later
             self.write_adapter(self.out / "rounds" / f"round_{entry['round']:04d}", server)
         self.log(self.line(entry))
+        release_free_memory()
 
     def write_adapter(self, where: Path, server: ServerState) -> Adapter:
         """The global model as a PEFT directory (``ServerState.final_adapter``), and each client's
@@ -626,6 +629,25 @@ class RoundRecorder:
             also(final)
         atomic_write_json(self.out / "metrics.json", self.metrics)
         return self.metrics
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap pages freed during a round back to the OS. Once a large block is freed, glibc
+    serves blocks up to that size (32 MB at most) from its heap, and keeps the pages of blocks
+    freed in the middle of it: without this, a long run's resident memory creeps up round after
+    round although nothing is retained (docs/benchmarks.md, "Many clients stay cheap")."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def mean_losses(entry: dict[str, Any]) -> tuple[float, float]:
