@@ -642,8 +642,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_free_memory() -> None:
     """Hand the heap pages freed during a round back to the OS. Once a large block is freed, glibc
     serves blocks up to that size (32 MB at most) from its heap, and keeps the pages of blocks
-    freed in the middle of it: without this, a long run's resident memory creeps up round after
-    round although nothing is retained (docs/benchmarks.md, "Many clients stay cheap")."""
+    freed in the middle of it: without this, RSS after a round was about three times what is live
+    (docs/benchmarks.md, "Many clients stay cheap")."""
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:

@@ -79,7 +79,7 @@ def test_cumulative_bytes_per_client_add_up_over_rounds(tmp_path, federated_data
 
 
 def test_every_round_hands_freed_memory_back(tmp_path, federated_data, monkeypatch):
-    """Each round ends by returning freed heap pages to the OS, so RSS does not creep up over rounds."""
+    """Each round ends by returning freed heap pages to the OS: RSS between rounds is what is live."""
     calls = []
     release = florist.rounds.release_free_memory
     monkeypatch.setattr(florist.rounds, "release_free_memory", lambda: calls.append(1) or release())
