@@ -89,9 +89,9 @@ def random_model(inputs: Path, where: Path, *, tiny: bool = False) -> Path:
                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(where)
-    for name in TOKENIZER_FILES[1:]:
-        if (inputs / "model" / name).is_file():
+    model.save_pretrained(where)  # config.json too
+    for name in TOKENIZER_FILES:
+        if name != "config.json" and (inputs / "model" / name).is_file():
             shutil.copy(inputs / "model" / name, where / name)
     return where
 
@@ -241,7 +241,7 @@ def markdown(doc: dict[str, Any]) -> str:
     m, runs, t = doc["machine"], doc["runs"], doc["train"]
     cpu, g32, auto = runs.get("cpu_fp32", {}), runs.get("cuda_fp32", {}), runs.get("cuda_auto", {})
     lines = [START, "## GPU check (bench/gpu.py)", "",
-             f"`python bench/gpu.py` on {m['gpu']} beside {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+             f"`python bench/gpu.py` on {m['gpu']} beside {m['cpu']} ({m['cores']} cores, native bf16: {m['bf16']}), torch {m['torch']}, "
              f"{m['date']}. SmolLM2-135M's architecture and tokenizer with seeded random weights (the embedded "
              "GGUF does not travel to the lent GPU machine), Dolly's first records: this checks the CUDA code "
              f"paths, not what a model learns. {t['rounds']} rounds of {t['steps']} steps of {t['batch']} examples "
