@@ -28,9 +28,10 @@ def largest(adapters: dict[str, Adapter]) -> Adapter:
     return max(adapters.values(), key=total_rank)
 
 
-def to_cpu(adapter: Adapter) -> Adapter:
+def to_cpu(adapter: Adapter, dtype: torch.dtype | None = None) -> Adapter:
+    """``adapter`` on the CPU (as ``dtype``, if given), detached."""
     return {
-        n: LoraFactors(A=f.A.detach().cpu(), B=f.B.detach().cpu(), scaling=f.scaling)
+        n: LoraFactors(A=f.A.detach().to("cpu", dtype), B=f.B.detach().to("cpu", dtype), scaling=f.scaling)
         for n, f in adapter.items()
     }
 

@@ -14,6 +14,11 @@ leaves either the previous checkpoint or the new one, never a mixture. Loading v
 checksum first: a damaged checkpoint is refused with an error naming the file, never loaded
 silently. Only safetensors and JSON are read; nothing is unpickled.
 
+A long run keeps only one round's merged adapter in memory: once a checkpoint holds a round's,
+``MergedHistory`` reads it back from that file when asked for it, and the next checkpoint links the
+file instead of writing it again, so the history costs disk, not memory, and each round writes
+only its own adapter.
+
 Resume is exact because every random draw of a run derives from ``(seed, round, client)``: with
 the base weights rebuilt bit for bit (the merged adapters re-applied in the same order with the
 same operation) and the server state restored, the next round computes what it would have.
@@ -23,9 +28,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +52,59 @@ class CheckpointError(FloristError):
     """A checkpoint that is missing pieces, damaged or from an incompatible run."""
 
 
+def merged_file(round_number: int) -> Path:
+    """Where a checkpoint keeps round ``round_number``'s merged adapter, relative to it."""
+    return Path("merged") / f"round_{round_number:04d}.safetensors"
+
+
+class MergedHistory(Sequence[Adapter]):
+    """The adapters folded into the base, one per round, in order: each in memory until a checkpoint
+    holds it (``spill``), then read back from the checkpoint's file whenever it is asked for."""
+
+    def __init__(self, adapters: Iterable[Adapter] = ()) -> None:
+        self._items: list[Adapter | Path] = list(adapters)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Adapter: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Adapter]: ...
+    def __getitem__(self, index: int | slice) -> Adapter | list[Adapter]:
+        if isinstance(index, slice):
+            return [_read(item) for item in self._items[index]]
+        return _read(self._items[index])
+
+    def append(self, adapter: Adapter) -> None:
+        self._items.append(adapter)
+
+    def file(self, index: int) -> Path | None:
+        """The file holding entry ``index``, or None while it is only in memory."""
+        item = self._items[index]
+        return item if isinstance(item, Path) else None
+
+    def in_memory(self) -> list[tuple[int, Adapter]]:
+        return [(i, item) for i, item in enumerate(self._items) if not isinstance(item, Path)]
+
+    def spill(self, checkpoint: Path) -> None:
+        """From now on read every entry from ``checkpoint``, which save_checkpoint just wrote."""
+        self._items = [checkpoint / merged_file(i) for i in range(1, len(self._items) + 1)]
+
+
+def _read(item: Adapter | Path) -> Adapter:
+    return _unflatten(*_load(item), "", item) if isinstance(item, Path) else item
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """A file of the previous checkpoint into the next: a hard link (no bytes written), or a copy
+    where the file system has none."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
 @dataclass
 class CheckpointState:
     """Everything needed to continue a run after ``completed_round``."""
@@ -52,7 +113,7 @@ class CheckpointState:
     metrics: dict[str, Any]
     config: dict[str, Any]
     # Merge methods: the adapter merged into the base in each completed round, in order.
-    merged: list[Adapter] = field(default_factory=list)
+    merged: Sequence[Adapter] = field(default_factory=MergedHistory)
     # Continue methods: the last broadcast (one adapter for all, or one per client id).
     global_adapter: Adapter | None = None
     per_client: dict[str, Adapter] | None = None
@@ -101,8 +162,8 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], scalings: dict[str, floa
 def _check_finite(path: Path, state: CheckpointState) -> None:
     """Refuse a state holding NaN or Inf before anything is written: a round that went wrong
     must leave the previous checkpoint as it was, never one that ``--resume`` would continue."""
-    adapters: list[tuple[str, Adapter]] = [
-        (f"merged adapter of round {i}", a) for i, a in enumerate(state.merged, 1)
+    adapters: list[tuple[str, Adapter]] = [  # a spilled round was checked when it was first saved
+        (f"merged adapter of round {i + 1}", a) for i, a in _history(state.merged).in_memory()
     ]
     adapters += [("global adapter", state.global_adapter or {})]
     adapters += [(f"client {cid}'s adapter", a) for cid, a in (state.per_client or {}).items()]
@@ -132,6 +193,10 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 # --- save / load ---------------------------------------------------------------------------
 
 
+def _history(merged: Sequence[Adapter]) -> MergedHistory:
+    return merged if isinstance(merged, MergedHistory) else MergedHistory(merged)
+
+
 def checkpoint_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR
 
@@ -143,11 +208,15 @@ def save_checkpoint(output_dir: str | Path, state: CheckpointState) -> Path:
     with atomic_directory(path) as tmp:
         files: list[Path] = []
         rounds = []
-        if state.merged:
+        merged = _history(state.merged)
+        if merged:
             (tmp / "merged").mkdir()
-        for i, adapter in enumerate(state.merged, start=1):
-            rel = Path("merged") / f"round_{i:04d}.safetensors"
-            _save(tmp / rel, *_flatten(adapter, ""))
+        for i in range(len(merged)):
+            rel, source = merged_file(i + 1), merged.file(i)
+            if source is not None:
+                _link_or_copy(source, tmp / rel)
+            else:
+                _save(tmp / rel, *_flatten(merged[i], ""))
             rounds.append(str(rel))
             files.append(rel)
         server: dict[str, Any] = {"global": state.global_adapter is not None, "clients": [], "state": []}
@@ -230,7 +299,7 @@ def load_checkpoint(output_dir: str | Path) -> CheckpointState | None:
         raise CheckpointError(
             f"{path / 'state.json'}: unsupported checkpoint version {state.get('version')!r}"
         )
-    merged = []
+    merged = MergedHistory()
     for rel in state["merged"]:
         if rel not in files:
             raise CheckpointError(f"{path / rel}: not covered by the checkpoint manifest")

@@ -239,13 +239,19 @@ def _begin(
         metrics["eval_before"] = (
             evaluate(setup.host, setup.tokenizer, None) if cfg.evaluate and cfg.eval_base else {}
         )
-        return ServerState(), metrics, 1
+        return ServerState(merged_dtype=setup.host.merge_dtype), metrics, 1
     if method.aggregator.local_factors and not resumed.client_state:
         raise ConfigError(
             f"{checkpoint_path(out)}: {cfg.method} keeps each client's own {'/'.join(method.aggregator.local_factors)} "
             "across rounds, but the checkpoint holds no per-client state; it cannot be resumed exactly"
         )
-    server = ServerState(resumed.merged, resumed.global_adapter, resumed.per_client, resumed.client_state)
+    server = ServerState(
+        resumed.merged,
+        resumed.global_adapter,
+        resumed.per_client,
+        resumed.client_state,
+        setup.host.merge_dtype,
+    )
     # Same ops in the same order as the original run, so the base is bit-identical.
     for adapter in server.merged:
         setup.host.merge_into_base(adapter)

@@ -126,6 +126,12 @@ class LoraHost:
         return self._layers[name].get_base_layer().weight
 
     @property
+    def merge_dtype(self) -> torch.dtype:
+        """The dtype ``merge_into_base`` forms updates in: float64 for a float64 base, else float32."""
+        wide = any(layer.get_base_layer().weight.dtype == torch.float64 for layer in self._layers.values())
+        return torch.float64 if wide else torch.float32
+
+    @property
     def installed(self) -> bool:
         return self._installed
 

@@ -50,6 +50,7 @@ from florist.algebra import (
     with_local_factors,
     zeros_adapter,
 )
+from florist.checkpoint import CheckpointState, MergedHistory, save_checkpoint
 from florist.comm import eff_over_rounds, paper_eff, round_communication, total_communication
 from florist.config import RunConfig
 from florist.errors import FloristError
@@ -117,16 +118,24 @@ def evaluation_samples(cfg: RunConfig, rnd: int) -> int | None:
 class ServerState:
     """What the server remembers between rounds, and what the global model is."""
 
-    merged: list[Adapter] = field(default_factory=list)  # folded into the base, one per round
+    # Folded into the base, one per round; once checkpointed, read back from the checkpoint's files.
+    merged: MergedHistory = field(default_factory=MergedHistory)
     global_adapter: Adapter | None = None  # continue methods: the last broadcast (or global view)
     per_client: dict[str, Adapter] | None = None  # FlexLoRA: one per client id
     # Per-client state of methods with local factors (FedSA-LoRA's B_k): each client's own last
     # trained adapter, which in a real federation lives on the client.
     client_state: dict[str, Adapter] = field(default_factory=dict)
+    # The dtype the base merges in (LoraHost.merge_dtype): the history is kept at the precision the
+    # merge uses, which halves it against the aggregators' float64 and leaves the base bit for bit.
+    merged_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.merged, MergedHistory):
+            self.merged = MergedHistory(self.merged)
 
     def broadcast(self, result: GlobalResult) -> None:
         if result.folded is not None:
-            self.merged.append(to_cpu(result.folded))
+            self.merged.append(to_cpu(result.folded, self.merged_dtype))
         if not result.merge:
             shared = result.adapter if result.adapter is not None else result.global_view
             self.global_adapter = to_cpu(shared) if shared is not None else None
@@ -559,8 +568,6 @@ class RoundRecorder:
         self.client_state = client_state  # a Flower server holds none: it lives on the nodes
 
     def record(self, entry: dict[str, Any], server: ServerState) -> None:
-        from florist.checkpoint import CheckpointState, save_checkpoint
-
         self.metrics["rounds"].append(entry)
         state = CheckpointState(
             entry["round"],
@@ -571,7 +578,7 @@ class RoundRecorder:
             server.per_client,
             server.client_state if self.client_state else {},
         )
-        save_checkpoint(self.out, state)
+        server.merged.spill(save_checkpoint(self.out, state))  # the history now lives on disk
         if due(self.cfg.save_every, entry["round"], self.cfg):  # e.g. for generate or eval later
             self.write_adapter(self.out / "rounds" / f"round_{entry['round']:04d}", server)
         self.log(self.line(entry))

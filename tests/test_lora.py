@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from florist.aggregation.base import LoraFactors
+from florist.aggregation.base import GlobalResult, LoraFactors
 from florist.lora import LoraHost
 from florist.models import tiny_llama
+from florist.rounds import ServerState
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -178,6 +179,25 @@ def test_merge_is_bit_reproducible() -> None:
         h.merge_into_base(adapter)
     for name in hosts[0].module_names:
         assert torch.equal(hosts[0].base_weight(name), hosts[1].base_weight(name))
+
+
+def test_the_server_keeps_the_merged_history_at_the_merge_precision(host: LoraHost) -> None:
+    """FLoRA's update (float64, as aggregated) is stored in the float32 the base merges in: half the
+    memory, and the base it rebuilds on resume is the one the float64 update gave, bit for bit."""
+    folded = {n: LoraFactors(A=f.A.double(), B=f.B.double() / 3, scaling=f.scaling)
+              for n, f in _random_adapter(host, 5, scaling=0.7).items()}  # fmt: skip
+    server = ServerState(merged_dtype=host.merge_dtype)
+    server.broadcast(GlobalResult("flora", merge=True, ranks={n: 5 for n in folded}, adapter=folded))
+    (kept,) = server.merged
+    assert host.merge_dtype == torch.float32
+    assert all(f.A.dtype == f.B.dtype == torch.float32 for f in kept.values())
+    replay = LoraHost(tiny_llama(seed=0)[0], TARGETS)
+    host.merge_into_base(folded)
+    replay.merge_into_base(kept)
+    for name in host.module_names:
+        assert torch.equal(host.base_weight(name), replay.base_weight(name))
+    wide = LoraHost(tiny_llama(seed=0)[0].double(), TARGETS)
+    assert wide.merge_dtype == torch.float64
 
 
 def test_merge_rejects_foreign_modules(host: LoraHost) -> None:

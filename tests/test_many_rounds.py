@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_run_config
 
 import florist.rounds
@@ -87,6 +88,39 @@ def test_every_round_hands_freed_memory_back(tmp_path, federated_data, monkeypat
                           num_communication_rounds=3)  # fmt: skip
     run_federated(cfg, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
     assert len(calls) == 3
+
+
+def test_the_merged_history_lives_in_the_checkpoint_not_in_memory(tmp_path, federated_data, monkeypatch):
+    """After each round the server holds no merged adapter in memory: each is read back from the
+    checkpoint (bit for bit what was folded), whose earlier rounds' files are linked, not rewritten."""
+    folded, seen = [], []
+    broadcast = florist.rounds.ServerState.broadcast
+
+    def spy_broadcast(self, result):
+        broadcast(self, result)
+        folded.append({n: (f.A.clone(), f.B.clone()) for n, f in self.merged[-1].items()})
+
+    record = florist.rounds.RoundRecorder.record
+
+    def spy_record(self, entry, server):
+        record(self, entry, server)
+        first = tmp_path / "run" / "checkpoint" / "merged" / "round_0001.safetensors"
+        seen.append((server.merged.in_memory(), list(server.merged), first.stat().st_ino))
+
+    monkeypatch.setattr(florist.rounds.ServerState, "broadcast", spy_broadcast)
+    monkeypatch.setattr(florist.rounds.RoundRecorder, "record", spy_record)
+    cfg = tiny_run_config(federated_data(2), tmp_path / "run", method="florist", num_clients=2,
+                          num_communication_rounds=3)  # fmt: skip
+    run_federated(cfg, model=tiny_llama(seed=0)[0], tokenizer=tiny_llama(seed=0)[1])
+    assert len(seen) == 3
+    for rnd, (held, history, _) in enumerate(seen, 1):
+        assert held == [] and len(history) == rnd
+        for adapter, kept in zip(history, folded):
+            assert all(f.A.dtype == torch.float32 for f in adapter.values())
+            assert all(
+                torch.equal(f.A, kept[n][0]) and torch.equal(f.B, kept[n][1]) for n, f in adapter.items()
+            )
+    assert len({inode for *_, inode in seen}) == 1  # round 1's file, written once
 
 
 @pytest.mark.skipif(

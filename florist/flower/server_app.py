@@ -102,12 +102,13 @@ def _evaluator(cfg: RunConfig, server: Any) -> Any:
     evaluator = Evaluator(cfg, data.Prompter(cfg.prompt_template_name))
     for note in evaluator.notes:
         log(INFO, "florist: %s", note)
-    folded: list[Any] = []
+    folded = 0  # rounds already merged into this evaluator's base
 
     def evaluate(before: bool = False, samples: int | None = None) -> dict[str, Any]:
-        for adapter in server.merged[len(folded) :]:
+        nonlocal folded
+        for adapter in server.merged[folded:]:
             host.merge_into_base(adapter)
-            folded.append(adapter)
+            folded += 1
         return evaluator(host, tokenizer, None if before else server.active_adapter(), samples=samples)
 
     return evaluate
