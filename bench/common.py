@@ -177,9 +177,10 @@ def default_init(method: str) -> str:
     return AGGREGATORS[method].client_init  # the authors' code (docs/methods.md)
 
 
-def beyond_seeds(d: float, noise: float | None) -> str:
-    """How a difference between two trainings compares with the training-seed spread."""
-    if noise is None:
+def beyond_seeds(d: float, noise: float | None, ci: list[float]) -> str:
+    """How a difference between two trainings compares with the training-seed spread; nothing where
+    the interval ``ci`` does not resolve the difference in the first place."""
+    if noise is None or ci[0] <= 0 <= ci[1]:
         return ""
     if abs(d) > noise:
         return f"; larger than the {noise:.4f}-nat spread a second training seed shows"

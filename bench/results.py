@@ -282,7 +282,9 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
             elif flora is not None:
                 d, ci = paired(main, name, row, flora)
                 same = find(s, "flora", row["client_init"])
-                text = compare(d, ci, label, "FLoRA (per-client init, its default)") + beyond_seeds(d, noise)
+                text = compare(d, ci, label, "FLoRA (per-client init, its default)") + beyond_seeds(
+                    d, noise, ci
+                )
                 if same is not None and row.get("flora_reference") == "same uploads":
                     text += (
                         f"; against FLoRA on the very same uploads ({row['client_init'].replace('_', '-')} init) "
@@ -315,7 +317,7 @@ def conclusions(result: dict[str, Any], main: dict[str, Any]) -> dict[str, list[
                 what = method_label(method) + (f" τ={tau:.2f}" if tau else "")
                 lines.append(
                     compare(d, ci, f"{what} with a shared init", "with per-client inits")
-                    + beyond_seeds(d, noise)
+                    + beyond_seeds(d, noise, ci)
                     + "."
                 )
         out[name] = lines
@@ -346,7 +348,7 @@ def paper_ordering(result: dict[str, Any], main: dict[str, Any]) -> list[str]:
             verdict = "is not resolved"
         lines.append(
             f"{a} above {b} (paper): {verdict} here, loss difference {d:+.4f} nats (95% CI {fmt_ci(ci)})"
-            + beyond_seeds(d, noise)
+            + beyond_seeds(d, noise, ci)
             + "."
         )
     return lines

@@ -167,7 +167,9 @@ def conclusions(result: dict[str, Any], noise: float | None) -> list[str]:
                 )
             else:
                 text = compare(r["delta_vs_flora"], r["delta_vs_flora_ci95"], what, "FLoRA (shared init)")
-                lines.append(text + beyond_seeds(r["delta_vs_flora"], noise) + ".")  # the main table's seeds
+                lines.append(
+                    text + beyond_seeds(r["delta_vs_flora"], noise, r["delta_vs_flora_ci95"]) + "."
+                )  # the main table's seeds
             for ref in ("fedit", "zeropad"):
                 if ref in rows and r["flora_reference"] == "same uploads":
                     lines.append(compare(r[f"delta_vs_{ref}"], r[f"delta_vs_{ref}_ci95"], what,

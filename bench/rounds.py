@@ -338,7 +338,7 @@ def conclusions(result: dict[str, Any], setup: dict[str, Any]) -> list[str]:
         )
         said.append(
             line
-            + beyond_seeds(r["delta_vs_flora"], noise)
+            + beyond_seeds(r["delta_vs_flora"], noise, r["delta_vs_flora_ci95"])
             + f" ({r['mb_down_per_client']:.1f} MB down per client against FLoRA's {flora['mb_down_per_client']:.1f})."
         )
     for eq in result["equal_bytes"]:
@@ -355,7 +355,9 @@ def conclusions(result: dict[str, Any], setup: dict[str, Any]) -> list[str]:
                     f"{ref} after round {setup['rounds']}",
                 )
                 line = compare(p["delta_vs_reference"], p["delta_vs_reference_ci95"], what, other)
-                said.append(f"- {line}{beyond_seeds(p['delta_vs_reference'], noise)}.")
+                said.append(
+                    f"- {line}{beyond_seeds(p['delta_vs_reference'], noise, p['delta_vs_reference_ci95'])}."
+                )
     for g in result["fedit_gap"]:
         what = (
             f"FedIT's gap to FLoRA (seed {g['seed']}) from round {g['from_round']} to round {g['to_round']}, "

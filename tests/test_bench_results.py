@@ -51,3 +51,10 @@ def test_personalised_records_pair_with_the_clients_heldout_records() -> None:
     assert p["n_records"] == 3
     assert p["delta"] == pytest.approx(((4 + 6 + 1) - (2 + 9 + 1)) / 6)
     assert p["ci95"][0] <= p["delta"] <= p["ci95"][1]
+
+
+def test_the_seed_spread_is_weighed_only_for_a_difference_the_interval_resolves() -> None:
+    assert common.beyond_seeds(-0.002, 0.001, [-0.007, 0.003]) == ""  # not resolved: nothing to weigh
+    assert "larger than the 0.0010-nat spread" in common.beyond_seeds(-0.002, 0.001, [-0.003, -0.001])
+    assert "so not a conclusion" in common.beyond_seeds(0.0005, 0.001, [0.0002, 0.0008])
+    assert common.beyond_seeds(0.02, None, [0.01, 0.03]) == ""
