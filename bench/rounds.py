@@ -339,7 +339,7 @@ def conclusions(result: dict[str, Any], setup: dict[str, Any]) -> list[str]:
         said.append(
             line
             + beyond_seeds(r["delta_vs_flora"], noise, r["delta_vs_flora_ci95"])
-            + f" ({r['mb_down_per_client']:.1f} MB down per client against FLoRA's {flora['mb_down_per_client']:.1f})."
+            + f". It downloads {r['mb_down_per_client']:.1f} MB per client, FLoRA {flora['mb_down_per_client']:.1f}."
         )
     for eq in result["equal_bytes"]:
         ref = method_label(eq["reference"])
