@@ -14,7 +14,7 @@ leaves either the previous checkpoint or the new one, never a mixture. Loading v
 checksum first: a damaged checkpoint is refused with an error naming the file, never loaded
 silently. Only safetensors and JSON are read; nothing is unpickled.
 
-A long run keeps only one round's merged adapter in memory: once a checkpoint holds a round's,
+A long run keeps at most the current round's merged adapter in memory: once a checkpoint holds it,
 ``MergedHistory`` reads it back from that file when asked for it, and the next checkpoint links the
 file instead of writing it again, so the history costs disk, not memory, and each round writes
 only its own adapter.
