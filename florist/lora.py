@@ -128,8 +128,7 @@ class LoraHost:
     @property
     def merge_dtype(self) -> torch.dtype:
         """The dtype ``merge_into_base`` forms updates in: float64 for a float64 base, else float32."""
-        wide = any(layer.get_base_layer().weight.dtype == torch.float64 for layer in self._layers.values())
-        return torch.float64 if wide else torch.float32
+        return max((_merge_dtype(self.base_weight(n)) for n in self._layers), key=lambda d: d.itemsize)
 
     @property
     def installed(self) -> bool:
@@ -258,7 +257,7 @@ class LoraHost:
         for name in sorted(adapter):
             f = adapter[name]
             W = self.base_weight(name)
-            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            dtype = _merge_dtype(W)
             B = f.B.to(W.device, dtype) * f.scaling
             delta = B @ f.A.to(W.device, dtype)
             W.copy_((W.to(dtype) + delta).to(W.dtype))
@@ -361,3 +360,8 @@ class LoraHost:
 
     def __repr__(self) -> str:
         return f"LoraHost({len(self._layers)} modules, targets={self.target_modules}, installed={self._installed})"
+
+
+def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Updates are formed in float32, or float64 for a float64 weight (bit-reproducible merges)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
