@@ -489,9 +489,9 @@ def memory(out: Path) -> dict[str, Any]:
                         "--out", str(split), "--mode", "iid", "--seed", "42", "--force"], check=True)  # fmt: skip
     results = {}
     for name, k, fraction, trim, env in (
-        ("8", 8, 1.0, True, {}),
-        ("64", 64, 0.125, True, {}),
-        ("no_trim", 64, 0.125, False, {}),
+        ("8", 8, 1.0, True, KERNEL_CACHE_CAPACITY),  # florist's defaults even where the caller set others
+        ("64", 64, 0.125, True, KERNEL_CACHE_CAPACITY),
+        ("no_trim", 64, 0.125, False, KERNEL_CACHE_CAPACITY),
         ("caches1024", 64, 0.125, True, LIBRARY_CACHES),
     ):
         cfg = dict(global_model="smollm2-135m", data_path=str(split if k == 64 else SHARED / "dolly"), num_clients=k,
@@ -525,7 +525,7 @@ def memory(out: Path) -> dict[str, Any]:
         "time_ratio_against_caches1024": sum(results["64"]["round_seconds"])
         / sum(results["caches1024"]["round_seconds"]),
         "onednn_primitives_per_step": primitives_per_step(out, split),
-        "kernel_cache_capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
+        "kernel_cache_capacity": KERNEL_CACHE_CAPACITY["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
         "same_adapter_as_caches1024": all(
             filecmp.cmp(a, out / "memory64_caches1024" / "adapter" / a.name, shallow=False)
             for a in (out / "memory64" / "adapter").glob("*.safetensors")
@@ -544,7 +544,7 @@ def primitives_per_step(out: Path, split: Path) -> int:
     code = "import json, sys; from florist.config import RunConfig; from florist.federation import run_federated; "
     code += "run_federated(RunConfig(**json.loads(sys.argv[1])))"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, check=True,
-                          env={**os.environ, "ONEDNN_VERBOSE": "1", "FLORIST_PROGRESS": "0"})  # fmt: skip
+                          env={**os.environ, **KERNEL_CACHE_CAPACITY, "ONEDNN_VERBOSE": "1", "FLORIST_PROGRESS": "0"})  # fmt: skip
     # "onednn_verbose,v1,primitive,exec,cpu,<kind>,<impl>,...,<descriptor>,<ms>": one line per call
     return len({line.rsplit(",", 1)[0] for line in done.stdout.splitlines() if ",primitive,exec," in line})
 
