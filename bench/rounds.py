@@ -477,58 +477,65 @@ print("MEMORY " + json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SEL
 # both caches (florist.KERNEL_CACHE_CAPACITY). The libraries' own capacity, for comparison in the same run.
 LIBRARY_CACHES = dict.fromkeys(KERNEL_CACHE_CAPACITY, "1024")
 
+# Every memory run: FLoRIST on SmolLM2-135M, 3 rounds of 2 steps of 8 examples per client.
+MEMORY_CONFIG = dict(global_model="smollm2-135m", method="florist", num_communication_rounds=3, local_batch_size=8,
+                     local_micro_batch_size=8, local_max_steps=2, cutoff_len=256, max_samples_per_client=64,
+                     evaluate=False, device="cpu")  # fmt: skip
+
+MEMORY_RUNS = (  # (key in memory.json, clients, sampled fraction, round-end trim, environment, what differs)
+    # florist's kernel-cache defaults even where the caller's environment sets other capacities
+    ("clients_8", 8, 1.0, True, KERNEL_CACHE_CAPACITY, "default"),
+    ("clients_64", 64, 0.125, True, KERNEL_CACHE_CAPACITY, "default"),
+    ("clients_64_no_trim", 64, 0.125, False, KERNEL_CACHE_CAPACITY, "no round-end trim (the baseline)"),
+    ("clients_64_caches1024", 64, 0.125, True, LIBRARY_CACHES, "kernel caches at the libraries' 1024 (the baseline)"),
+)  # fmt: skip
+
+
+def memory_child(cfg: dict[str, Any], env: dict[str, str], trim: bool = True) -> tuple[dict[str, Any], str]:
+    """Run ``cfg`` in a fresh process (never resumed): its MEMORY figures, and its whole stdout."""
+    shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, json.dumps(cfg), *([] if trim else ["no-trim"])],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    )  # fmt: skip
+    line = next(x for x in done.stdout.splitlines() if x.startswith("MEMORY "))
+    return json.loads(line.removeprefix("MEMORY ")), done.stdout
+
 
 def memory(out: Path) -> dict[str, Any]:
-    """Peak RSS of 64 simulated clients with 8 a round against 8 clients all in every round, 3 rounds
-    of FLoRIST each, in fresh processes; RSS after every round, and the 64 clients' again without the
-    round-end trim and with the kernel caches at the libraries' capacity (the baselines)."""
+    """Peak RSS of 64 simulated clients with 8 a round against 8 clients all in every round, in fresh
+    processes; RSS after every round, and the 64 clients' again without the round-end trim and with
+    the kernel caches at the libraries' capacity (the baselines)."""
     data = SHARED / "dolly" / "databricks-dolly-15k.jsonl"
     split = out / "split64"
     if not (split / "64" / "global_test.json").is_file():
         subprocess.run([str(REPO / ".venv" / "bin" / "florist"), "data", "split", str(data), "--num-clients", "64",
                         "--out", str(split), "--mode", "iid", "--seed", "42", "--force"], check=True)  # fmt: skip
     results = {}
-    for name, k, fraction, trim, env in (
-        ("8", 8, 1.0, True, KERNEL_CACHE_CAPACITY),  # florist's defaults even where the caller set others
-        ("64", 64, 0.125, True, KERNEL_CACHE_CAPACITY),
-        ("no_trim", 64, 0.125, False, KERNEL_CACHE_CAPACITY),
-        ("caches1024", 64, 0.125, True, LIBRARY_CACHES),
-    ):
-        cfg = dict(global_model="smollm2-135m", data_path=str(split if k == 64 else SHARED / "dolly"), num_clients=k,
-                   output_dir=str(out / f"memory{k}{'' if name in ('8', '64') else '_' + name}"), method="florist", num_communication_rounds=3,
-                   client_selection_frac=fraction, local_batch_size=8, local_micro_batch_size=8, local_max_steps=2,
-                   cutoff_len=256, max_samples_per_client=64, evaluate=False, device="cpu")  # fmt: skip
-        shutil.rmtree(cfg["output_dir"], ignore_errors=True)  # a fresh run, never a resumed one
-        done = subprocess.run(
-            [sys.executable, "-c", MEMORY_CHILD, json.dumps(cfg), *([] if trim else ["no-trim"])],
-            capture_output=True, text=True, check=True, env={**os.environ, **env},
-        )  # fmt: skip
-        line = next(x for x in done.stdout.splitlines() if x.startswith("MEMORY "))
-        rounds = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())["rounds"]
-        results[name] = json.loads(line.removeprefix("MEMORY ")) | {
-            "round_seconds": [r["seconds"] for r in rounds]
-        }
-    growth = {name: r["rss_after_round"][-1] / r["rss_after_round"][0] for name, r in results.items()}
-    return {
-        "clients_8": results["8"],
-        "clients_64": results["64"],
-        "clients_64_no_trim": results["no_trim"],
-        "clients_64_caches1024": results["caches1024"],
-        "peak_ratio": results["64"]["peak_rss"] / results["8"]["peak_rss"],
+    for key, k, fraction, trim, env, _ in MEMORY_RUNS:
+        cfg = MEMORY_CONFIG | dict(data_path=str(split if k == 64 else SHARED / "dolly"), num_clients=k,
+                                   output_dir=str(out / key), client_selection_frac=fraction)  # fmt: skip
+        figures, _ = memory_child(cfg, env, trim)
+        rounds = json.loads((out / key / "metrics.json").read_text())["rounds"]
+        results[key] = figures | {"round_seconds": [r["seconds"] for r in rounds]}
+    growth = {key: r["rss_after_round"][-1] / r["rss_after_round"][0] for key, r in results.items()}
+    return results | {
+        "peak_ratio": results["clients_64"]["peak_rss"] / results["clients_8"]["peak_rss"],
         # RSS after the last round with the round-end trim / without it, same config
-        "trim_ratio": results["64"]["rss_after_round"][-1] / results["no_trim"]["rss_after_round"][-1],
+        "trim_ratio": results["clients_64"]["rss_after_round"][-1]
+        / results["clients_64_no_trim"]["rss_after_round"][-1],
         # RSS after round 3 / after round 1, per run
-        "rss_growth_round1_to_3": growth["64"],
-        "clients_8_rss_growth_round1_to_3": growth["8"],
-        "caches1024_rss_growth_round1_to_3": growth["caches1024"],
+        "rss_growth_round1_to_3": growth["clients_64"],
+        "clients_8_rss_growth_round1_to_3": growth["clients_8"],
+        "caches1024_rss_growth_round1_to_3": growth["clients_64_caches1024"],
         # seconds of the 3 rounds with florist's kernel caches / with the libraries' (1024)
-        "time_ratio_against_caches1024": sum(results["64"]["round_seconds"])
-        / sum(results["caches1024"]["round_seconds"]),
+        "time_ratio_against_caches1024": sum(results["clients_64"]["round_seconds"])
+        / sum(results["clients_64_caches1024"]["round_seconds"]),
         "onednn_primitives_per_step": primitives_per_step(out, split),
         "kernel_cache_capacity": KERNEL_CACHE_CAPACITY["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
         "same_adapter_as_caches1024": all(
-            filecmp.cmp(a, out / "memory64_caches1024" / "adapter" / a.name, shallow=False)
-            for a in (out / "memory64" / "adapter").glob("*.safetensors")
+            filecmp.cmp(a, out / "clients_64_caches1024" / "adapter" / a.name, shallow=False)
+            for a in (out / "clients_64" / "adapter").glob("*.safetensors")
         ),
     }
 
@@ -536,25 +543,13 @@ def memory(out: Path) -> dict[str, Any]:
 def primitives_per_step(out: Path, split: Path) -> int:
     """Distinct oneDNN primitives one training step runs (one batch width, LoRA on all seven linear
     modules): the least primitive-cache capacity that does not recompile kernels at every step."""
-    cfg = dict(global_model="smollm2-135m", data_path=str(split), num_clients=64, output_dir=str(out / "primitives"),
-               method="fedit", num_communication_rounds=1, client_selection_frac=1 / 64, local_batch_size=8,
-               local_micro_batch_size=8, local_max_steps=1, cutoff_len=256, max_samples_per_client=64, evaluate=False,
-               device="cpu", lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               pad_to_multiple_of=256)  # fmt: skip
-    code = "import json, sys; from florist.config import RunConfig; from florist.federation import run_federated; "
-    code += "run_federated(RunConfig(**json.loads(sys.argv[1])))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, check=True,
-                          env={**os.environ, **KERNEL_CACHE_CAPACITY, "ONEDNN_VERBOSE": "1", "FLORIST_PROGRESS": "0"})  # fmt: skip
+    cfg = MEMORY_CONFIG | dict(data_path=str(split), num_clients=64, output_dir=str(out / "primitives"), method="fedit",
+                               num_communication_rounds=1, client_selection_frac=1 / 64, local_max_steps=1,
+                               pad_to_multiple_of=256, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    _, stdout = memory_child(cfg, {**KERNEL_CACHE_CAPACITY, "ONEDNN_VERBOSE": "1", "FLORIST_PROGRESS": "0"})
     # "onednn_verbose,v1,primitive,exec,cpu,<kind>,<impl>,...,<descriptor>,<ms>": one line per call
-    return len({line.rsplit(",", 1)[0] for line in done.stdout.splitlines() if ",primitive,exec," in line})
-
-
-MEMORY_RUNS = (  # (key in memory.json, clients, what differs from the default)
-    ("clients_8", 8, "default"),
-    ("clients_64", 64, "default"),
-    ("clients_64_no_trim", 64, "no round-end trim (the baseline)"),
-    ("clients_64_caches1024", 64, "kernel caches at the libraries' 1024 (the baseline)"),
-)
+    return len({line.rsplit(",", 1)[0] for line in stdout.splitlines() if ",primitive,exec," in line})
 
 
 def write_memory(doc: dict[str, Any]) -> None:
@@ -564,7 +559,7 @@ def write_memory(doc: dict[str, Any]) -> None:
         f"| {k} | {what} | {mb(r['peak_rss'])} | {', '.join(map(mb, r['rss_after_round']))} | "
         f"{r['rss_after_round'][-1] / r['rss_after_round'][0]:.3f} | {', '.join(map(mb, r['merged_in_memory']))} | "
         f"{', '.join(map(mb, r['merged_on_disk']))} |"
-        for key, k, what in MEMORY_RUNS
+        for key, k, *_, what in MEMORY_RUNS
         if (r := doc.get(key))
     ]
     lines = ["<!-- rounds-memory:start -->", "## Many clients stay cheap (bench/rounds.py --memory)", "",
